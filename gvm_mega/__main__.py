@@ -1,0 +1,3 @@
+from gvm_mega.cli import main
+
+raise SystemExit(main())

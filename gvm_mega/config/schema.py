@@ -1,0 +1,178 @@
+"""The one typed config schema of the trainer.
+
+Each section is a dataclass; :class:`Config` holds one of each. Values come from YAML files
+and ``section.key=value`` overrides (see :mod:`gvm_mega.config.loader`), which validates
+types and the bounds declared here with :func:`option`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from gvm_mega.config.fields import option
+
+@dataclass
+class RunConfig:
+    name: str = option("gvm", help="run name, used in the default run directory")
+    seed: int = option(1234, ge=0, help="global seed for data order, sampling and init")
+    run_dir: Optional[str] = option(None, help="run directory; default runs/<name>-<timestamp>")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = option(10, ge=0, help="GVM iterations (each ends with policy steps)")
+    prompts_per_iteration: int = option(16, ge=1, help="prompts in one GVM batch (m)")
+    warmup_steps: int = option(0, ge=0, help="supervised warm-start steps before RL (0: none)")
+    warmup_lr: float = option(1e-3, gt=0, help="learning rate of the supervised warm start")
+    eval_every: int = option(0, ge=0, help="evaluate every k iterations (0: only first and last)")
+    eval_samples: int = option(1, ge=1, help="samples per eval prompt (mean@k, pass@k)")
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["tiny", "llama", "qwen2"] = option(
+        "tiny", help="architecture family; 'tiny' is the CPU demo preset")
+    hf_path: Optional[str] = option(None, help="HF checkpoint directory to start from")
+    num_layers: int = option(2, ge=1)
+    hidden_size: int = option(64, ge=1)
+    ffn_hidden_size: int = option(172, ge=1)
+    num_attention_heads: int = option(4, ge=1)
+    num_query_groups: int = option(2, ge=1, help="key/value heads (grouped-query attention)")
+    vocab_size: int = option(512, ge=2)
+    max_position_embeddings: int = option(512, ge=1)
+    rope_theta: float = option(10000.0, gt=0)
+    norm_epsilon: float = option(1e-6, gt=0)
+    qkv_bias: bool = option(False, help="bias on the QKV projection (Qwen2)")
+    tie_word_embeddings: bool = option(True)
+    params_dtype: Literal["float32", "bfloat16", "float16"] = option("float32")
+    tokenizer: str = option("builtin", help="'builtin' (sentencepiece, trained on the task) "
+                                            "or a directory with tokenizer.json")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = option(1, ge=1, help="tensor-parallel size")
+    pp: int = option(1, ge=1, help="pipeline-parallel size")
+    dp: Optional[int] = option(None, ge=1, help="data-parallel size; default world / (tp * pp)")
+    backend: Literal["auto", "gloo", "nccl"] = option("auto", help="auto: nccl with CUDA, else gloo")
+    micro_batch_tokens: int = option(4096, ge=1, help="token budget of one packed micro-batch")
+
+
+@dataclass
+class DataConfig:
+    train_path: str = option("builtin:arithmetic", help="JSONL/parquet file, or builtin:arithmetic")
+    eval_paths: list[str] = option(default_factory=lambda: ["builtin:arithmetic-test"],
+                                   help="held-out sets evaluated on schedule")
+    prompt_field: str = option("problem")
+    answer_field: str = option("answer")
+    id_field: Optional[str] = option(None, help="field holding a stable prompt id; else content hash")
+    template: Literal["qwen-math-cot", "plain", "hf-chat"] = option("plain")
+    max_prompt_length: int = option(256, ge=1, help="prompts longer than this (tokens) are dropped")
+    dedupe: bool = option(True)
+    on_bad_row: Literal["error", "skip"] = option("error", help="malformed rows: fail or skip and count")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["embedded", "sglang"] = option("embedded")
+    urls: list[str] = option(default_factory=list, help="SGLang server or router URLs")
+    temperature: float = option(1.0, ge=0)
+    top_p: float = option(1.0, gt=0, le=1)
+    top_k: int = option(-1, ge=-1, help="-1 disables top-k")
+    max_new_tokens: int = option(128, ge=1)
+    stop: list[str] = option(default_factory=list)
+    concurrency: int = option(64, ge=1, help="requests in flight per client")
+    request_timeout_s: float = option(600.0, gt=0)
+    max_retries: int = option(3, ge=0)
+
+
+@dataclass
+class RewardConfig:
+    timeout_s: float = option(5.0, gt=0, help="hard wall-clock limit per verification")
+    workers: int = option(2, ge=1, help="verifier worker processes")
+    fallback: Literal["none", "last-number"] = option(
+        "none", help="answer extraction when no \\boxed{} is present")
+
+
+@dataclass
+class GVMConfig:
+    presample_n: int = option(8, ge=1, help="N': stage-1 samples per prompt")
+    budget_per_prompt: float = option(8.0, gt=0, help="stage-2 budget N = this * prompts")
+    alpha: float = option(1e-3, ge=0, help="regulariser weight in n ~ G/sqrt(p + alpha/p^(beta-1))")
+    beta: float = option(2.0, help="regulariser exponent")
+    filter_threshold: Optional[float] = option(None, ge=0, le=1,
+                                               help="drop prompts with p above this")
+    filter_insufficient: Optional[float] = option(
+        None, ge=0, help="drop prompts whose expected accepted count p*n is below this")
+    min_samples: int = option(0, ge=0, help="floor on n_i for eligible prompts")
+    max_samples: Optional[int] = option(None, ge=1, help="cap on n_i (excess redistributed)")
+    estimator: Literal["per-iteration", "posterior"] = option(
+        "per-iteration", help="p and G from this iteration, or Beta posterior / EMA across iterations")
+    prior_a: float = option(1.0, gt=0, help="Beta prior a (accepts) for the posterior estimator")
+    prior_b: float = option(1.0, gt=0, help="Beta prior b (rejects) for the posterior estimator")
+    grad_norm_ema: float = option(0.5, ge=0, lt=1, help="weight of the old G in the EMA")
+    grad_norm_params: Literal["embedding", "lm_head", "linear"] = option(
+        "embedding", help="parameter set whose per-sequence gradient norm gives G_i")
+    reuse_stage1: bool = option(False, help="add stage-1 samples to the training batch")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: Literal["raft", "raft++", "grpo", "gvm-raft++", "gvm-grpo"] = option("gvm-raft++")
+    uniform_n: int = option(8, ge=1, help="samples per prompt for the uniform algorithms")
+    clip_low: float = option(0.2, ge=0, help="PPO clip: ratio >= 1 - clip_low")
+    clip_high: float = option(0.2, ge=0, help="PPO clip: ratio <= 1 + clip_high")
+    kl_coef: float = option(0.0, ge=0, help="KL penalty to the frozen reference policy")
+    entropy_coef: float = option(0.0, help="entropy bonus")
+    loss_agg: Literal["token-mean", "seq-mean"] = option("token-mean")
+    grpo_std_norm: bool = option(True, help="False gives Dr.GRPO (no std normalisation)")
+    ppo_epochs: int = option(1, ge=1)
+    mini_batches: int = option(1, ge=1, help="optimizer steps per iteration per epoch")
+
+    @property
+    def uses_gvm(self) -> bool:
+        return self.name.startswith("gvm-")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(1e-6, gt=0)
+    min_lr: float = option(0.0, ge=0)
+    weight_decay: float = option(0.0, ge=0)
+    adam_beta1: float = option(0.9, ge=0, lt=1)
+    adam_beta2: float = option(0.999, ge=0, lt=1)
+    adam_eps: float = option(1e-8, gt=0)
+    clip_grad: float = option(1.0, ge=0, help="global grad-norm clip (0 disables)")
+    warmup_steps: int = option(0, ge=0)
+    schedule: Literal["constant", "cosine"] = option("constant")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = option(0, ge=0, help="save every k iterations (0: only at the end)")
+    keep_last: int = option(2, ge=1)
+    resume: bool = option(True, help="continue from the run directory's latest checkpoint")
+    load: Optional[str] = option(None, help="checkpoint directory to initialise from")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = option(True)
+    wandb_project: Optional[str] = option(None)
+    progress_bars: bool = option(True)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    gvm: GVMConfig = field(default_factory=GVMConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
