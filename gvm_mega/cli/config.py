@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", action="store_true",
                    help="list every valid key with its default and help, then exit")
     p.add_argument("--out", help="also write the resolved config to this file")
+    p.add_argument("--get", metavar="SECTION.KEY",
+                   help="print only this key's resolved value (for scripts)")
     p.set_defaults(func=run)
 
 
@@ -33,8 +35,27 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     if args.out:
         save_config(cfg, args.out)
+    if args.get:
+        print(_get(cfg, args.get))
+        return 0
     print(dump_config(cfg), end="")
     return 0
+
+
+def _get(cfg, dotted: str) -> str:
+    from gvm_mega.cli import CLIError
+    from gvm_mega.config import all_keys
+    from gvm_mega.config.loader import suggest
+
+    if dotted not in all_keys():
+        raise CLIError(f"unknown key '{dotted}'" + suggest(dotted, all_keys()))
+    section, key = dotted.split(".", 1)
+    value = getattr(getattr(cfg, section), key)
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _print_keys(cfg) -> None:

@@ -38,7 +38,8 @@ def all_keys() -> list[str]:
     return [f"{s}.{k}" for s, cls in _section_types().items() for k in _fields(cls)]
 
 
-def _suggest(name: str, candidates: Iterable[str]) -> str:
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest candidate, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
@@ -141,10 +142,10 @@ def _set(cfg: Config, dotted: str, value: Any, where: str, from_text: bool) -> N
         if section in sections:
             raise ConfigError(f"{where}: '{dotted}' names a section, not a key; "
                               f"use {section}.KEY=VALUE")
-        raise ConfigError(f"{where}: unknown key '{dotted}'" + _suggest(dotted, all_keys()))
+        raise ConfigError(f"{where}: unknown key '{dotted}'" + suggest(dotted, all_keys()))
     fields = _fields(sections[section])
     if key not in fields:
-        raise ConfigError(f"{where}: unknown key '{dotted}'" + _suggest(dotted, all_keys()))
+        raise ConfigError(f"{where}: unknown key '{dotted}'" + suggest(dotted, all_keys()))
     tp, meta = fields[key]
     try:
         coerced = _coerce(value, tp, from_text)
@@ -169,9 +170,16 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
-def apply_yaml(cfg: Config, path: str | Path) -> Config:
-    """Apply a YAML file's values onto ``cfg`` (in place), validating every key."""
+def apply_yaml(cfg: Config, path: str | Path, _chain: tuple[Path, ...] = ()) -> Config:
+    """Apply a YAML file's values onto ``cfg`` (in place), validating every key.
+
+    A top-level ``base: OTHER.yaml`` (relative to this file) is applied first, so that
+    variants of one setup (e.g. an algorithm and its uniform baseline) share one file.
+    """
     path = Path(path)
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: 'base' files include each other: {cycle}")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -187,11 +195,16 @@ def apply_yaml(cfg: Config, path: str | Path) -> Config:
         return cfg
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if "base" in data:
+        base = data.pop("base")
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}:{lines['base']}: 'base' must be a file name, got {base!r}")
+        apply_yaml(cfg, path.parent / base, (*_chain, path.resolve()))
     for section, values in data.items():
         where = f"{path}:{lines.get(str(section), '?')}"
         if str(section) not in _section_types():
             raise ConfigError(f"{where}: unknown section '{section}'"
-                              + _suggest(str(section), _section_types()))
+                              + suggest(str(section), _section_types()))
         if values is None:
             continue
         if not isinstance(values, dict):
