@@ -26,6 +26,7 @@ setup(
         "safetensors>=0.4",
         "math-verify[antlr4_13_2]>=0.7,<0.10",
         "pyarrow>=14",
+        "jinja2>=3.1",
         "psutil>=5.9",
         "tqdm>=4.66",
         "aiohttp>=3.9",

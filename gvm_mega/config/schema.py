@@ -31,7 +31,8 @@ class TrainConfig:
 @dataclass
 class ModelConfig:
     arch: Literal["tiny", "llama", "qwen2"] = option(
-        "tiny", help="architecture family; 'tiny' is the CPU demo preset")
+        "tiny", help="architecture family (all: RMSNorm, SwiGLU, GQA, RoPE); 'tiny' is the CPU "
+                     "demo preset, Qwen2-style with QKV bias")
     hf_path: Optional[str] = option(None, help="HF checkpoint directory to start from")
     num_layers: int = option(2, ge=1)
     hidden_size: int = option(64, ge=1)
@@ -42,8 +43,10 @@ class ModelConfig:
     max_position_embeddings: int = option(512, ge=1)
     rope_theta: float = option(10000.0, gt=0)
     norm_epsilon: float = option(1e-6, gt=0)
-    qkv_bias: bool = option(False, help="bias on the QKV projection (Qwen2)")
-    tie_word_embeddings: bool = option(True)
+    head_dim: Optional[int] = option(None, ge=1, help="per-head size; default hidden/heads")
+    qkv_bias: Optional[bool] = option(
+        None, help="bias on the QKV projection; default by arch: on for qwen2 and tiny, off for llama")
+    tie_word_embeddings: bool = option(True, help="share input embedding and output layer")
     params_dtype: Literal["float32", "bfloat16", "float16"] = option("float32")
     tokenizer: str = option("builtin", help="'builtin' (sentencepiece, trained on the task) "
                                             "or a directory with tokenizer.json")
@@ -70,6 +73,11 @@ class DataConfig:
     max_prompt_length: int = option(256, ge=1, help="prompts longer than this (tokens) are dropped")
     dedupe: bool = option(True)
     on_bad_row: Literal["error", "skip"] = option("error", help="malformed rows: fail or skip and count")
+    arithmetic_train_size: int = option(20000, ge=1, help="problems in builtin:arithmetic")
+    arithmetic_test_size: int = option(500, ge=1, help="problems in builtin:arithmetic-test")
+    arithmetic_seed: int = option(0, ge=0, help="seed of the built-in task's problems")
+    arithmetic_min_level: int = option(0, ge=0, le=9, help="easiest built-in difficulty level")
+    arithmetic_max_level: int = option(9, ge=0, le=9, help="hardest built-in difficulty level")
 
 
 @dataclass
@@ -83,7 +91,17 @@ class RolloutConfig:
     stop: list[str] = option(default_factory=list)
     concurrency: int = option(64, ge=1, help="requests in flight per client")
     request_timeout_s: float = option(600.0, gt=0)
-    max_retries: int = option(3, ge=0)
+    max_retries: int = option(3, ge=0, help="failed attempts retried per request (errors, 5xx)")
+    retry_backoff_s: float = option(0.2, gt=0, help="first retry delay; doubles per attempt")
+    max_abort_resubmits: int = option(8, ge=0, help="resubmissions of aborted samples")
+    max_n_per_request: int = option(64, ge=1, help="samples per HTTP request (unseeded prompts)")
+    worker_urls: list[str] = option(default_factory=list,
+                                    help="servers behind a router, for weight updates "
+                                         "(default: urls)")
+    weights_dir: Optional[str] = option(None, help="directory servers can read, where weights "
+                                                   "are written each step; default run_dir/weights")
+    check_weight_version: bool = option(True, help="fail when a reply's weight_version is stale")
+    max_batch_size: int = option(64, ge=1, help="embedded engine: samples decoded together")
 
 
 @dataclass
@@ -92,6 +110,9 @@ class RewardConfig:
     workers: int = option(2, ge=1, help="verifier worker processes")
     fallback: Literal["none", "last-number"] = option(
         "none", help="answer extraction when no \\boxed{} is present")
+    max_answer_chars: int = option(1000, ge=1, help="longer extracted answers score 0 unverified")
+    memory_mb: int = option(4096, ge=0, help="address-space cap per verifier worker (0: none)")
+    cache_size: int = option(100000, ge=0, help="(answer, gold) verdicts kept in the cache")
 
 
 @dataclass

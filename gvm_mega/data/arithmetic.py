@@ -1,0 +1,165 @@
+"""The built-in task: multi-step integer addition/subtraction with worked solutions.
+
+Every problem carries a difficulty ``(digits, ops, carries)``: operand width, number of
+operations, and how many column carries/borrows the whole computation needs. Difficulty is
+per prompt and spans a ladder of levels, so a small model solves the easiest almost always
+and the hardest almost never — the spread of acceptance rates that GVM allocates over.
+
+Generation is deterministic in ``seed``. The train and test splits are disjoint by
+construction: a problem belongs to the test split exactly when a hash of its text falls in a
+fixed bucket, whatever the seeds and sizes.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+from gvm_mega.data.records import Prompt
+
+Split = Literal["train", "test"]
+
+TEST_BUCKETS = 8  # one problem text in 8 belongs to the test split
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """``digits``: operand width; ``ops``: operations; ``carries``: carries+borrows needed."""
+
+    digits: int
+    ops: int
+    carries: int
+
+
+# Easiest first and non-decreasing on every knob; a tiny model's accuracy should fall from
+# ~1 to ~0 along the ladder.
+LEVELS: tuple[Difficulty, ...] = (
+    Difficulty(1, 1, 0),
+    Difficulty(1, 2, 0),
+    Difficulty(1, 2, 1),
+    Difficulty(2, 2, 1),
+    Difficulty(2, 2, 2),
+    Difficulty(2, 3, 3),
+    Difficulty(3, 3, 3),
+    Difficulty(3, 3, 4),
+    Difficulty(4, 3, 5),
+    Difficulty(4, 4, 7),
+)
+
+
+@dataclass(frozen=True)
+class ArithmeticProblem:
+    problem: str
+    solution: str
+    answer: int
+    level: int
+    difficulty: Difficulty
+    carries: int
+
+
+def column_carries(a: int, b: int, op: str) -> int:
+    """Carries (for ``+``) or borrows (for ``-``, with ``a >= b >= 0``) of column arithmetic."""
+    count = carry = 0
+    while a or b:
+        da, db = a % 10, b % 10
+        if op == "+":
+            carry = 1 if da + db + carry >= 10 else 0
+        else:
+            carry = 1 if da - db - carry < 0 else 0
+        count += carry
+        a //= 10
+        b //= 10
+    return count
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    low = 1 if digits == 1 else 10 ** (digits - 1)
+    return rng.randint(low, 10 ** digits - 1)
+
+
+def _draw(rng: random.Random, d: Difficulty) -> tuple[list[int], list[str], int]:
+    """One expression at difficulty ``d``; the carry count may miss the target."""
+    operands = [_operand(rng, d.digits)]
+    ops: list[str] = []
+    value = operands[0]
+    carries = 0
+    for _ in range(d.ops):
+        b = _operand(rng, d.digits)
+        op = rng.choice("+-")
+        if op == "-" and b > value:
+            op = "+" if value < (1 if d.digits == 1 else 10 ** (d.digits - 1)) else "-"
+            if op == "-":
+                b = rng.randint(1 if d.digits == 1 else 10 ** (d.digits - 1), value)
+        carries += column_carries(value, b, op)
+        value = value + b if op == "+" else value - b
+        operands.append(b)
+        ops.append(op)
+    return operands, ops, carries
+
+
+def make_problem(rng: random.Random, level: int, *, attempts: int = 200) -> ArithmeticProblem:
+    """A problem at ``LEVELS[level]``, drawn until its carry count hits the target."""
+    d = LEVELS[level]
+    best = None
+    for _ in range(attempts):
+        operands, ops, carries = _draw(rng, d)
+        if best is None or abs(carries - d.carries) < abs(best[2] - d.carries):
+            best = (operands, ops, carries)
+        if carries == d.carries:
+            break
+    operands, ops, carries = best
+    expression = str(operands[0]) + "".join(f" {op} {b}" for op, b in zip(ops, operands[1:]))
+    lines = []
+    value = operands[0]
+    for step, (op, b) in enumerate(zip(ops, operands[1:]), start=1):
+        new = value + b if op == "+" else value - b
+        lines.append(f"Step {step}: {value} {op} {b} = {new}")
+        value = new
+    lines.append(f"The answer is \\boxed{{{value}}}.")
+    return ArithmeticProblem(problem=f"Compute {expression}.", solution="\n".join(lines),
+                             answer=value, level=level, difficulty=d, carries=carries)
+
+
+def split_of(problem_text: str) -> Split:
+    """The split a problem text belongs to (a fixed hash bucket marks the test split)."""
+    digest = hashlib.blake2b(problem_text.encode("utf-8"), digest_size=8).digest()
+    return "test" if int.from_bytes(digest, "big") % TEST_BUCKETS == 0 else "train"
+
+
+def generate_problems(n: int, *, seed: int = 0, split: Split = "train",
+                      levels: Optional[Sequence[int]] = None) -> list[ArithmeticProblem]:
+    """``n`` distinct problems of ``split``, levels drawn uniformly from ``levels``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+    levels = list(range(len(LEVELS))) if levels is None else list(levels)
+    bad = [lv for lv in levels if not 0 <= lv < len(LEVELS)]
+    if not levels or bad:
+        raise ValueError(f"arithmetic levels must be in 0..{len(LEVELS) - 1}, got {levels}")
+    # Splits use different streams so the test split is not a filtered copy of train's order.
+    rng = random.Random(f"gvm-mega-arithmetic:{split}:{seed}")
+    seen: set[str] = set()
+    out: list[ArithmeticProblem] = []
+    misses = 0
+    while len(out) < n:
+        problem = make_problem(rng, rng.choice(levels))
+        if problem.problem in seen or split_of(problem.problem) != split:
+            misses += 1
+            if misses > 1000 * (n + 10):
+                raise ValueError(f"cannot draw {n} distinct {split} problems from levels {levels}")
+            continue
+        seen.add(problem.problem)
+        out.append(problem)
+    return out
+
+
+def arithmetic_prompts(n: int, *, seed: int = 0, split: Split = "train",
+                       levels: Optional[Sequence[int]] = None) -> list[Prompt]:
+    """The task as :class:`Prompt` records (ids ``arithmetic-<split>-<seed>-<index>``)."""
+    return [
+        Prompt(id=f"arithmetic-{split}-{seed}-{i}", problem=p.problem, answer=p.answer,
+               solution=p.solution,
+               meta={"level": p.level, "digits": p.difficulty.digits, "ops": p.difficulty.ops,
+                     "carries": p.carries})
+        for i, p in enumerate(generate_problems(n, seed=seed, split=split, levels=levels))
+    ]

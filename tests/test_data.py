@@ -1,0 +1,232 @@
+"""Prompt readers, malformed-row policy, dedupe, ids, the resumable stream and templates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from _tokenizer_helpers import llama_like, qwen_like
+from gvm_mega.config import apply_overrides
+from gvm_mega.config.schema import Config, DataConfig
+from gvm_mega.data import (
+    DataError,
+    HFChatTemplate,
+    PlainTemplate,
+    PromptStream,
+    QwenMathCoTTemplate,
+    TemplateError,
+    build_template,
+    content_id,
+    load_prompts,
+    read_prompts,
+)
+from gvm_mega.tokenizer import builtin_tokenizer
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    lines = [r if isinstance(r, (str, bytes)) else json.dumps(r) for r in rows]
+    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines) + b"\n")
+    return path
+
+
+GOOD = [{"problem": "What is 1+1?", "answer": "2"},
+        {"problem": "What is 2+3?", "answer": 5},
+        {"problem": "How far?", "answer": 27.0},
+        {"problem": "List them.", "answer": [1, 2]}]
+
+
+def test_jsonl_fields_ids_and_types(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", GOOD + ["", "   "])  # blank lines are not rows
+    ps = read_prompts(path)
+    assert [p.problem for p in ps] == [r["problem"] for r in GOOD]
+    assert [p.answer for p in ps] == ["2", 5, 27.0, [1, 2]]  # gold types kept as stored
+    assert isinstance(ps[2].answer, float)
+    assert ps.stats.rows == 4 and ps.stats.kept == 4 and not ps.stats.skipped
+    assert ps[0].id == content_id("What is 1+1?") == content_id("  What is\n1+1? ")
+    assert read_prompts(path).ids == ps.ids  # stable across reads
+    renamed = write_jsonl(tmp_path / "q.jsonl", [
+        {"uid": 7, "question": "Q one", "final": "1", "solution": "s", "level": 3},
+        {"uid": "x", "question": "Q two", "final": "2"}])
+    ps = read_prompts(renamed, prompt_field="question", answer_field="final", id_field="uid")
+    assert ps.ids == ["7", "x"]
+    assert ps[0].solution == "s" and ps[0].meta == {"level": 3}
+
+
+def test_dedupe_counts_and_unique_ids(tmp_path):
+    rows = GOOD + [{"problem": "What is  1+1?", "answer": "2"}, GOOD[1]]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    ps = read_prompts(path)
+    assert len(ps) == 4 and ps.stats.duplicates == 2 and "2 duplicates dropped" in ps.stats.summary()
+    kept = read_prompts(path, dedupe=False)
+    assert len(kept) == 6 and len(set(kept.ids)) == 6
+    clash = write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "problem": "A", "answer": 1},
+                                               {"id": 1, "problem": "B", "answer": 2}])
+    with pytest.raises(DataError, match=r"c.jsonl:2: id '1' already used at .*c.jsonl:1"):
+        read_prompts(clash, id_field="id")
+
+
+BAD_ROWS = [
+    ('{"problem": "ok", "answer": 1}', None),
+    ('{"problem": "broken", "answer": ', "broken JSON"),
+    ('{"answer": 3}', "missing problem"),
+    ('{"problem": "  ", "answer": 3}', "empty problem"),
+    ('{"problem": "no answer", "answer": ""}', "empty answer"),
+    ('{"problem": "null answer", "answer": null}', "empty answer"),
+    ('{"problem": "no answer field"}', "missing answer"),
+    ('[1, 2]', "not an object"),
+    ('{"problem": 12, "answer": 1}', "bad problem"),
+    ('{"problem": "a bool gold", "answer": true}', "bad answer"),
+    (b'{"problem": "caf\xe9", "answer": 1}', "non-UTF-8"),
+    ('{"problem": "fine too", "answer": "x"}', None),
+]
+
+
+def test_malformed_rows_error_names_file_and_line(tmp_path):
+    for lineno, (row, reason) in enumerate(BAD_ROWS, start=1):
+        if reason is None:
+            continue
+        path = write_jsonl(tmp_path / f"bad{lineno}.jsonl", [BAD_ROWS[0][0], row])
+        with pytest.raises(DataError) as info:
+            read_prompts(path)
+        message = str(info.value)
+        assert f"bad{lineno}.jsonl:2: " in message, message
+        assert "on_bad_row=skip" in message
+
+
+def test_malformed_rows_skipped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [row for row, _ in BAD_ROWS])
+    ps = read_prompts(path, on_bad_row="skip")
+    assert [p.problem for p in ps] == ["ok", "fine too"]
+    expected: dict[str, int] = {}
+    for _, reason in BAD_ROWS:
+        if reason:
+            expected[reason] = expected.get(reason, 0) + 1
+    assert ps.stats.skipped == expected
+    assert ps.stats.rows == len(BAD_ROWS) and ps.stats.kept == 2
+    assert any(":2: broken JSON" in e for e in ps.stats.skipped_examples)
+    assert "10 malformed skipped" in ps.stats.summary()
+
+
+def test_whole_file_problems_always_raise(tmp_path):
+    with pytest.raises(DataError, match="no such prompt file"):
+        read_prompts(tmp_path / "absent.jsonl")
+    (tmp_path / "p.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unknown prompt file type '.csv'"):
+        read_prompts(tmp_path / "p.csv")
+    all_bad = write_jsonl(tmp_path / "allbad.jsonl", ['{"x": 1}', "nope"])
+    with pytest.raises(DataError, match="no usable prompts"):
+        read_prompts(all_bad, on_bad_row="skip")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        read_prompts(tmp_path / "broken.parquet")
+
+
+def test_parquet_reader(tmp_path):
+    table = pa.table({"question": ["A?", "B?", "", "C?", "A?"],
+                      "gold": ["1", "2", "3", None, "1"],
+                      "source": ["x", "y", "z", "w", "v"]})
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path)
+    ps = read_prompts(path, prompt_field="question", answer_field="gold", on_bad_row="skip")
+    assert [p.problem for p in ps] == ["A?", "B?"]
+    assert ps.stats.skipped == {"empty problem": 1, "empty answer": 1} and ps.stats.duplicates == 1
+    with pytest.raises(DataError, match=r"p.parquet:row 3: field 'question' is empty"):
+        read_prompts(path, prompt_field="question", answer_field="gold")
+    with pytest.raises(DataError, match="no column 'problem' .*columns: question, gold, source"):
+        read_prompts(path)
+    binary = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"problem": [b"ok", b"\xff\xfe"], "answer": [1, 2]}), binary)
+    ps = read_prompts(binary, on_bad_row="skip")
+    assert [p.problem for p in ps] == ["ok"] and ps.stats.skipped == {"non-UTF-8": 1}
+
+
+def test_stream_is_deterministic_complete_and_resumable(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"problem": f"P{i}", "answer": i} for i in range(10)])
+    prompts = read_prompts(path).prompts
+    a = PromptStream(prompts, seed=5)
+    b = PromptStream(prompts, seed=5)
+    first = [p.id for p in a.next_batch(10)]
+    assert first == [p.id for p in b.next_batch(10)]
+    assert sorted(first) == sorted(p.id for p in prompts)          # each once per epoch
+    assert first != [p.id for p in prompts]                          # shuffled
+    assert first != [p.id for p in PromptStream(prompts, seed=6).next_batch(10)]
+    second = [p.id for p in a.next_batch(10)]
+    assert sorted(second) == sorted(first) and second != first       # new order per epoch
+    # resume mid-epoch from a JSON-saved cursor
+    c = PromptStream(prompts, seed=5)
+    c.next_batch(13)
+    state = json.loads(json.dumps(c.state_dict()))
+    expected = [p.id for p in c.next_batch(12)]
+    d = PromptStream(prompts, seed=0)
+    d.load_state_dict(state)
+    assert [p.id for p in d.next_batch(12)] == expected
+    assert d.epoch == 2 and d.position == 5
+    with pytest.raises(DataError, match="different prompt set"):
+        PromptStream(prompts[:9], seed=5).load_state_dict(state)
+    with pytest.raises(DataError, match="empty prompt set"):
+        PromptStream([])
+
+
+def test_qwen_math_and_plain_templates():
+    text = QwenMathCoTTemplate().render("  What is 1+1? \n")
+    assert text == ("<|im_start|>system\nPlease reason step by step, and put your final answer "
+                    "within \\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is 1+1? Let's think step "
+                    "by step and output the final answer within \\boxed{}.<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert PlainTemplate().render("Compute 1 + 2.") == "Problem: Compute 1 + 2.\nSolution:\n"
+    assert build_template("qwen-math-cot").render("x") == QwenMathCoTTemplate().render("x")
+    with pytest.raises(TemplateError, match="unknown prompt template 'chatml'"):
+        build_template("chatml")
+
+
+def test_hf_chat_template_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    for path in (qwen_like(tmp_path / "q"), llama_like(tmp_path / "l")):
+        template = build_template("hf-chat", tokenizer_dir=path)
+        ref = transformers.AutoTokenizer.from_pretrained(str(path))
+        for problem in ("What is 1+1?", "Ünïcödé ∑ and {{ braces }} and a trailing space "):
+            expected = ref.apply_chat_template(template.messages(problem), tokenize=False,
+                                               add_generation_prompt=True)
+            assert template.render(problem) == expected
+    with_system = build_template("hf-chat", tokenizer_dir=tmp_path / "q", system="Be brief.")
+    assert with_system.render("Hi").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    bad_role = HFChatTemplate("{{ raise_exception('no system role') }}")
+    with pytest.raises(TemplateError, match="no system role"):
+        bad_role.render("x")
+    with pytest.raises(TemplateError, match="does not compile"):
+        HFChatTemplate("{% for %}")
+    with pytest.raises(TemplateError, match="no chat_template in"):
+        build_template("hf-chat", tokenizer_dir=qwen_like(tmp_path / "none", chat_template=None))
+    with pytest.raises(TemplateError, match="needs a tokenizer directory"):
+        build_template("hf-chat")
+
+
+def test_load_prompts_builtin_and_length_filter(tmp_path):
+    cfg = apply_overrides(Config(), ["data.arithmetic_train_size=60", "data.arithmetic_test_size=20",
+                                     "data.on_bad_row=skip"]).data
+    train = load_prompts("builtin:arithmetic", cfg)
+    test = load_prompts("builtin:arithmetic-test", cfg)
+    assert len(train) == 60 and len(test) == 20
+    assert not set(p.problem for p in train) & set(p.problem for p in test)
+    assert load_prompts("builtin:arithmetic", cfg).ids == train.ids
+    with pytest.raises(DataError, match="unknown built-in data source 'builtin:algebra'"):
+        load_prompts("builtin:algebra", cfg)
+
+    tok = builtin_tokenizer(tmp_path / "cache")
+    template = PlainTemplate()
+    rows = [{"problem": "Compute 1 + 2.", "answer": 3},
+            {"problem": "Compute " + " + ".join(["1"] * 200) + ".", "answer": 200},
+            {"problem": "broken"}]
+    path = write_jsonl(tmp_path / "len.jsonl", rows)
+    limit = len(tok.encode(template.render(rows[0]["problem"])))
+    cfg = DataConfig(max_prompt_length=limit, on_bad_row="skip")
+    ps = load_prompts(str(path), cfg, tokenizer=tok, template=template)
+    assert [p.answer for p in ps] == [3]
+    assert ps.stats.too_long == 1 and ps.stats.skipped == {"missing answer": 1}
+    assert "1 over max_prompt_length dropped" in ps.stats.summary()
+    with pytest.raises(DataError, match="every prompt is longer than max_prompt_length=1"):
+        load_prompts(str(path), DataConfig(max_prompt_length=1, on_bad_row="skip"),
+                     tokenizer=tok, template=template)
