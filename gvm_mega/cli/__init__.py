@@ -13,7 +13,7 @@ import sys
 from gvm_mega import __version__
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("config", "bench")
+COMMANDS = ("allocate", "config", "bench", "serve", "convert", "eval", "plot")
 
 
 class CLIError(Exception):

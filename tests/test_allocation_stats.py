@@ -1,0 +1,198 @@
+"""Per-prompt statistics across iterations and the statistics file reader."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from _allocation_helpers import write_jsonl
+from gvm_mega.allocation import (
+    PromptStatsStore,
+    StatsFileError,
+    allocate,
+    read_stats_jsonl,
+)
+from gvm_mega.config import load_config
+
+
+def _two_iterations(store: PromptStatsStore) -> PromptStatsStore:
+    store.update(["a", "b", "c"], [8, 8, 8], [4, 0, 8], [2.0, float("nan"), 1.0])
+    store.update(["a", "b"], [8, 8], [2, 0], [4.0, 0.0])
+    return store
+
+
+def test_per_iteration_uses_the_latest_observation_only():
+    store = _two_iterations(PromptStatsStore("per-iteration"))
+    g, p = store.estimates(["a", "b", "c"])
+    assert p.tolist() == [2 / 8, 0.0, 1.0]
+    assert g.tolist() == [4.0, 0.0, 1.0]
+    # the paper's rule: a prompt seen with 0/8 accepted gets nothing
+    assert allocate(g, p, 10)[1] == 0
+
+
+def test_posterior_keeps_hard_prompts_alive():
+    store = _two_iterations(PromptStatsStore("posterior", prior_a=1.0, prior_b=2.0,
+                                             grad_norm_ema=0.25))
+    g, p = store.estimates(["a", "b", "c"])
+    assert p.tolist() == pytest.approx([(1 + 6) / (3 + 16), 1 / (3 + 16), (1 + 8) / (3 + 8)])
+    ema_a = 0.25 * 2.0 + 0.75 * 4.0
+    assert g[0] == pytest.approx(ema_a) and g[2] == pytest.approx(1.0)
+    # never accepted, so no norm of its own: the mean of the known ones
+    assert g[1] == pytest.approx((ema_a + 1.0) / 2)
+    assert allocate(g, p, 30)[1] > 0
+    # with nothing known at all the fallback is 1.0
+    lone = PromptStatsStore("posterior")
+    lone.update(["x"], [4], [0], [float("nan")])
+    assert lone.estimates(["x"])[0].tolist() == [1.0]
+
+
+def test_record_of_one_prompt():
+    store = _two_iterations(PromptStatsStore())
+    rec = store.get("a")
+    assert (rec.total_samples, rec.total_accepted, rec.last_samples, rec.last_accepted) == (
+        16, 6, 8, 2)
+    assert (rec.observations, rec.grad_observations, rec.last_grad_norm) == (2, 2, 4.0)
+    assert np.isnan(store.get("b").last_grad_norm)
+    assert len(store) == 3 and "c" in store and "z" not in store
+
+
+def test_integer_ids_are_stored_as_strings_and_storage_grows():
+    store = PromptStatsStore()
+    for start in range(0, 100, 25):
+        ids = list(range(start, start + 25))
+        store.update(ids, np.full(25, 4), np.arange(25) % 5, np.arange(25, dtype=float))
+    assert len(store) == 100 and 99 in store and "99" in store
+    g, p = store.estimates([3, "98"])
+    assert p.tolist() == [3 / 4, 3 / 4] and g.tolist() == [3.0, 23.0]
+
+
+@pytest.mark.parametrize("args, match", [
+    ((["a", "b"], [8, 8], [9, 0], [1.0, 0.0]), "prompt 'a': num_accepted = 9 exceeds"),
+    ((["a"], [0], [0], [0.0]), "num_samples = 0 must be >= 1"),
+    ((["a"], [8], [-1], [0.0]), "num_accepted = -1 must be >= 0"),
+    ((["a"], [8], [2], [float("nan")]), "grad_norm = nan must be a finite"),
+    ((["a"], [8], [2], [-1.0]), "grad_norm = -1.0 must be a finite non-negative"),
+    ((["a", "a"], [8, 8], [1, 1], [1.0, 1.0]), "'a' appears more than once"),
+    ((["a"], [8.5], [1], [1.0]), "num_samples must hold integers"),
+    ((["a", "b"], [8], [1], [1.0]), r"num_samples has shape \(1,\), expected \(2,\)"),
+])
+def test_update_rejects_bad_observations_without_changing_anything(args, match):
+    store = PromptStatsStore()
+    store.update(["z"], [8], [1], [1.0])
+    with pytest.raises(ValueError, match=match):
+        store.update(*args)
+    assert len(store) == 1 and store.get("z").observations == 1
+
+
+def test_bad_settings_and_unknown_ids():
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        PromptStatsStore("bayes")
+    with pytest.raises(ValueError, match="prior_a and prior_b must be positive"):
+        PromptStatsStore("posterior", prior_a=0.0)
+    with pytest.raises(ValueError, match="grad_norm_ema must be in"):
+        PromptStatsStore(grad_norm_ema=1.0)
+    with pytest.raises(TypeError, match="strings or integers"):
+        PromptStatsStore().update([1.5], [8], [1], [1.0])
+    store = _two_iterations(PromptStatsStore())
+    with pytest.raises(KeyError, match="no statistics for prompt id 'q' .2 unknown"):
+        store.estimates(["a", "q", "r"])
+
+
+def test_state_dict_round_trips_through_json_and_torch(tmp_path):
+    import torch
+
+    store = _two_iterations(PromptStatsStore("posterior"))
+    state = store.state_dict()
+    via_json = json.loads(json.dumps(state))
+    torch.save(state, tmp_path / "stats.pt")
+    via_torch = torch.load(tmp_path / "stats.pt", weights_only=True)
+    for saved in (via_json, via_torch):
+        restored = PromptStatsStore("posterior")
+        restored.load_state_dict(saved)
+        for a, b in zip(restored.estimates(["a", "b", "c"]), store.estimates(["a", "b", "c"])):
+            assert np.array_equal(a, b)
+        # a restored store keeps accumulating where the old one left off
+        restored.update(["a"], [8], [8], [1.0])
+        assert restored.get("a").total_samples == 24
+    # the estimator comes from the config, the counts from the checkpoint
+    switched = PromptStatsStore("per-iteration")
+    switched.load_state_dict(state)
+    assert switched.estimates(["a"])[1].tolist() == [0.25]
+
+
+def test_load_state_dict_rejects_broken_states():
+    store = PromptStatsStore()
+    with pytest.raises(ValueError, match="not a PromptStatsStore state"):
+        store.load_state_dict({"format": "other"})
+    state = _two_iterations(PromptStatsStore()).state_dict()
+    del state["ema_grad_norm"]
+    with pytest.raises(ValueError, match="lacks ema_grad_norm"):
+        store.load_state_dict(state)
+    state = _two_iterations(PromptStatsStore()).state_dict()
+    state["total_samples"] = state["total_samples"][:2]
+    with pytest.raises(ValueError, match="'total_samples' has 2 entries for 3 prompt ids"):
+        store.load_state_dict(state)
+
+
+def test_from_config():
+    cfg = load_config(None, ["gvm.estimator=posterior", "gvm.prior_a=2", "gvm.prior_b=3",
+                             "gvm.grad_norm_ema=0.9"])
+    store = PromptStatsStore.from_config(cfg.gvm)
+    assert (store.estimator, store.prior_a, store.prior_b, store.grad_norm_ema) == (
+        "posterior", 2.0, 3.0, 0.9)
+
+
+# --- the statistics file --------------------------------------------------------------
+
+def test_reads_a_valid_file(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [
+        {"prompt_id": "p1", "num_samples": 8, "num_accepted": 3, "grad_norm": 1.5,
+         "problem": "extra keys are ignored"},
+        "",
+        {"prompt_id": 7, "num_samples": 8, "num_accepted": 0, "grad_norm": None},
+    ])
+    t = read_stats_jsonl(path)
+    assert t.prompt_ids == ["p1", "7"] and len(t) == 2
+    assert t.num_samples.tolist() == [8, 8] and t.num_accepted.tolist() == [3, 0]
+    assert t.grad_norms[0] == 1.5 and np.isnan(t.grad_norms[1])
+
+
+GOOD = {"prompt_id": "ok", "num_samples": 8, "num_accepted": 1, "grad_norm": 1.0}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ('{"prompt_id": "x", "num_samples": 8,', "broken JSON"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ({"prompt_id": "x", "num_samples": 8, "num_accepted": 1}, "missing field 'grad_norm'"),
+    ({**GOOD, "prompt_id": None}, "prompt_id must be a string or an integer"),
+    ({**GOOD, "prompt_id": "ok"}, "duplicate prompt_id 'ok' .first seen on line 1"),
+    ({**GOOD, "prompt_id": "x", "num_samples": -8}, "num_samples must be non-negative"),
+    ({**GOOD, "prompt_id": "x", "num_samples": 0}, "num_samples must be at least 1"),
+    ({**GOOD, "prompt_id": "x", "num_accepted": -1}, "num_accepted must be non-negative"),
+    ({**GOOD, "prompt_id": "x", "num_samples": 7.5}, "num_samples must be an integer, got 7.5"),
+    ({**GOOD, "prompt_id": "x", "num_accepted": "3"}, "num_accepted must be an integer"),
+    ({**GOOD, "prompt_id": "x", "num_accepted": True}, "num_accepted must be an integer"),
+    ({**GOOD, "prompt_id": "x", "num_accepted": 9}, r"num_accepted \(9\) exceeds num_samples"),
+    ('{"prompt_id": "x", "num_samples": 8, "num_accepted": 1, "grad_norm": NaN}',
+     "grad_norm must be finite, got nan"),
+    ('{"prompt_id": "x", "num_samples": 8, "num_accepted": 1, "grad_norm": Infinity}',
+     "grad_norm must be finite, got inf"),
+    ({**GOOD, "prompt_id": "x", "grad_norm": -0.5}, "grad_norm must be non-negative"),
+    ({**GOOD, "prompt_id": "x", "grad_norm": "1.0"}, "grad_norm must be a number"),
+    ({**GOOD, "prompt_id": "x", "grad_norm": None}, "grad_norm is null but num_accepted > 0"),
+])
+def test_bad_rows_name_the_line_and_the_problem(tmp_path, bad, problem):
+    path = write_jsonl(tmp_path / "s.jsonl", [GOOD, "", bad])
+    with pytest.raises(StatsFileError, match=rf"s\.jsonl:3: {problem}"):
+        read_stats_jsonl(path)
+
+
+def test_unreadable_or_empty_files(tmp_path):
+    with pytest.raises(StatsFileError, match="cannot read"):
+        read_stats_jsonl(tmp_path / "missing.jsonl")
+    with pytest.raises(StatsFileError, match="no statistics rows"):
+        read_stats_jsonl(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(StatsFileError, match="not UTF-8"):
+        read_stats_jsonl(tmp_path / "bin.jsonl")
