@@ -126,6 +126,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
     (["parallel.tp=3"], "'parallel.tp' (3) must divide 'model.num_attention_heads' (4)"),
     (["parallel.pp=3"], "'parallel.pp' (3) must divide 'model.num_layers' (2)"),
     (["rollout.engine=sglang"], "'rollout.urls' must list at least one server"),
+    (["gvm.min_samples=5", "gvm.max_samples=4"], "'gvm.min_samples' (5) must not exceed 'gvm.max_samples' (4)"),
     (["optim.lr=1e-6", "optim.min_lr=1e-5"], "'optim.min_lr' (1e-05) must not exceed"),
 ])
 def test_cross_key_checks(overrides, message):

@@ -243,6 +243,10 @@ def validate(cfg: Config) -> Config:
     if cfg.rollout.engine == "sglang" and not cfg.rollout.urls:
         raise ConfigError("'rollout.urls' must list at least one server when "
                           "'rollout.engine' is 'sglang'")
+    g = cfg.gvm
+    if g.max_samples is not None and g.min_samples > g.max_samples:
+        raise ConfigError(f"'gvm.min_samples' ({g.min_samples}) must not exceed "
+                          f"'gvm.max_samples' ({g.max_samples})")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"'optim.min_lr' ({cfg.optim.min_lr}) must not exceed "
                           f"'optim.lr' ({cfg.optim.lr})")
