@@ -30,6 +30,8 @@ setup(
         "psutil>=5.9",
         "tqdm>=4.66",
         "aiohttp>=3.9",
+        "tensorboard>=2.10",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": [
