@@ -42,6 +42,8 @@ def test_builtin_round_trips_and_special_ids(builtin):
     ids = builtin.encode("Step 1: 7 + 8 = 15")
     # EOS/pad are control tokens: skipped by default, shown on request
     assert builtin.decode(ids + [builtin.eos_token_id, builtin.pad_token_id]) == "Step 1: 7 + 8 = 15"
+    # ids in a model's padded vocabulary (past the tokenizer's) decode to nothing
+    assert builtin.decode(ids + [builtin.vocab_size, builtin.vocab_size + 7]) == "Step 1: 7 + 8 = 15"
     shown = builtin.decode(ids + [builtin.eos_token_id], skip_special_tokens=False)
     assert shown == "Step 1: 7 + 8 = 15" + builtin.id_to_token(builtin.eos_token_id)
     assert builtin.encode("x", add_special_tokens=True)[0] == builtin.bos_token_id

@@ -13,7 +13,7 @@ import sys
 from gvm_mega import __version__
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("allocate", "config", "bench", "serve", "convert", "eval", "plot")
+COMMANDS = ("train", "eval", "allocate", "serve", "convert", "plot", "bench", "config")
 
 
 class CLIError(Exception):

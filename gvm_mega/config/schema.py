@@ -24,6 +24,7 @@ class TrainConfig:
     prompts_per_iteration: int = option(16, ge=1, help="prompts in one GVM batch (m)")
     warmup_steps: int = option(0, ge=0, help="supervised warm-start steps before RL (0: none)")
     warmup_lr: float = option(1e-3, gt=0, help="learning rate of the supervised warm start")
+    warmup_batch_size: int = option(32, ge=1, help="(problem, solution) pairs per warm-start step")
     eval_every: int = option(0, ge=0, help="evaluate every k iterations (0: only first and last)")
     eval_samples: int = option(1, ge=1, help="samples per eval prompt (mean@k, pass@k)")
 

@@ -140,14 +140,17 @@ def generate_problems(n: int, *, seed: int = 0, split: Split = "train",
     rng = random.Random(f"gvm-mega-arithmetic:{split}:{seed}")
     seen: set[str] = set()
     out: list[ArithmeticProblem] = []
-    misses = 0
+    misses = 0  # in a row: a long run of repeats means the levels hold too few problems
     while len(out) < n:
         problem = make_problem(rng, rng.choice(levels))
         if problem.problem in seen or split_of(problem.problem) != split:
             misses += 1
-            if misses > 1000 * (n + 10):
-                raise ValueError(f"cannot draw {n} distinct {split} problems from levels {levels}")
+            if misses > 20_000:
+                raise ValueError(f"cannot draw {n} distinct {split} problems from levels "
+                                 f"{levels} (found {len(out)}): ask for fewer problems or "
+                                 f"more levels")
             continue
+        misses = 0
         seen.add(problem.problem)
         out.append(problem)
     return out

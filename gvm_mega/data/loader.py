@@ -26,7 +26,12 @@ def _builtin(spec: str, cfg: Any) -> PromptSet:
         raise DataError(f"data.arithmetic_min_level ({cfg.arithmetic_min_level}) is above "
                         f"data.arithmetic_max_level ({cfg.arithmetic_max_level})")
     levels = range(cfg.arithmetic_min_level, cfg.arithmetic_max_level + 1)
-    prompts = arithmetic_prompts(size, seed=cfg.arithmetic_seed, split=split, levels=levels)
+    try:
+        prompts = arithmetic_prompts(size, seed=cfg.arithmetic_seed, split=split, levels=levels)
+    except ValueError as exc:
+        key = "arithmetic_test_size" if split == "test" else "arithmetic_train_size"
+        raise DataError(f"{spec}: {exc} (data.{key}={size}, data.arithmetic_min_level.."
+                        f"arithmetic_max_level)") from None
     stats = ReadStats(source=spec, rows=len(prompts), kept=len(prompts))
     return PromptSet(prompts, stats)
 

@@ -77,7 +77,9 @@ class SentencePieceTokenizer(Tokenizer):
         return [self.bos_token_id] + ids if add_special_tokens and self.bos_token_id is not None else ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids]
+        # A model's vocabulary is padded past the tokenizer's (to divide by TP size); ids in
+        # the padding have no piece and decode to nothing.
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         if skip_special_tokens:
             return self._sp.decode([i for i in ids if not self._sp.is_control(i)])
         out, run = [], []

@@ -1,0 +1,253 @@
+"""The GVM-RAFT iteration loop.
+
+Every rank runs :meth:`Trainer.run`. The driver (global rank 0) owns the prompt stream, the
+rollout engine, the verifier and the allocator; the policy is sharded over all ranks, so the
+gradient-norm pass, the policy update, the weight gather and checkpoints are collective.
+Decisions made on the driver reach the other ranks through :func:`from_driver`.
+
+One iteration (DESIGN.md):
+
+1. stage 1  — N' samples per prompt, verified: acceptance rates p_i
+2. G_i      — per-response gradient norms of the accepted samples (one batched pass)
+3. allocate — n_i ~ G_i / sqrt(p_i + alpha / p_i^(beta-1)) under the budget N
+4. stage 2  — n_i samples per prompt, verified
+5. update   — RAFT++ / GRPO policy steps on the stage-2 (optionally + stage-1) samples
+6. sync     — new weights to the rollout engine; eval and checkpoint on schedule
+
+Uniform algorithms (raft, raft++, grpo) skip stages 1-3 and give every prompt the same n.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from gvm_mega.allocation import AllocationResult, diagnose, make_allocator, PromptStatsStore
+from gvm_mega.trainer.batch import RankSamples, mini_batches, training_samples
+from gvm_mega.trainer.comm import from_driver
+from gvm_mega.trainer.sampling import Group, sample_and_score
+from gvm_mega.trainer.setup import RunSetup, build_run
+
+
+@dataclass
+class Stage1:
+    """What pre-sampling measured: acceptance rates and gradient norms per prompt."""
+
+    groups: list[Group]
+    accept_rates: np.ndarray
+    grad_norms: np.ndarray
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"time_{phase}_s"] = time.perf_counter() - start
+
+
+class Trainer:
+    def __init__(self, cfg: Any, run_dir: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.run: RunSetup = build_run(cfg, run_dir)
+        self.allocator = make_allocator(cfg)
+        self.stats = PromptStatsStore.from_config(cfg.gvm)
+        self.samples_total = 0
+        self.tokens_generated = 0
+        self.start_iteration = self._resume()
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Path:
+        """Run the remaining iterations; returns the run directory."""
+        run, cfg = self.run, self.cfg
+        if self.start_iteration == 0:
+            record = {"iteration": 0, "samples_total": 0, "tokens_generated": 0,
+                      **self.evaluate()}
+            if run.is_driver:
+                run.log.log_iteration(record)
+            self.save_checkpoint(0)
+        last = cfg.train.iterations
+        for iteration in range(self.start_iteration + 1, last + 1):
+            record = self.iteration(iteration)
+            if iteration == last or (cfg.train.eval_every and iteration % cfg.train.eval_every == 0):
+                record.update(self.evaluate())
+            if run.is_driver:
+                run.log.log_iteration(record)
+            if iteration == last or (cfg.checkpoint.save_every
+                                     and iteration % cfg.checkpoint.save_every == 0):
+                self.save_checkpoint(iteration)
+        run.close()
+        return run.run_dir
+
+    def iteration(self, it: int) -> dict:
+        """One GVM iteration; returns its metrics record (meaningful on the driver)."""
+        timer = PhaseTimer()
+        prompts = self.run.stream.next_batch(self.cfg.train.prompts_per_iteration) \
+            if self.run.is_driver else []
+        with timer("stage1"):
+            stage1 = self.presample(prompts, it) if self.allocator.needs_statistics else None
+        with timer("grad_norm"):
+            if stage1 is not None:
+                stage1.grad_norms = self.grad_norms(stage1.groups)
+        with timer("allocate"):
+            allocation = self.allocate(prompts, stage1)
+        with timer("stage2"):
+            stage2 = self.sample(prompts, allocation.samples, it, "stage2")
+        with timer("train"):
+            train_groups = merge_groups(stage1.groups, stage2) \
+                if stage1 is not None and self.cfg.gvm.reuse_stage1 else stage2
+            step = self.update_policy(train_groups)
+        with timer("sync"):
+            self.sync_weights(f"iter-{it}")
+        return self.record(it, prompts, stage1, allocation, stage2, step, timer)
+
+    # ------------------------------------------------------------------ phases
+    def presample(self, prompts: list, it: int) -> Stage1:
+        """Stage 1 (driver): N' verified samples per prompt; p_i = accepted / N'."""
+        n = self.cfg.gvm.presample_n
+        groups = self.sample(prompts, [n] * len(prompts), it, "stage1")
+        accepts = np.array([g.num_accepted / n for g in groups], dtype=np.float64)
+        return Stage1(groups, accepts, np.zeros(len(groups)))
+
+    def grad_norms(self, groups: list[Group]) -> np.ndarray:
+        """G_i = mean per-response gradient norm over prompt i's accepted samples (collective)."""
+        accepted = from_driver([(g.prompt_ids, r) for i, g in enumerate(groups)
+                                for r in g.accepted_responses] if self.run.is_driver else None)
+        owners = from_driver([i for i, g in enumerate(groups) for _ in g.accepted_responses]
+                             if self.run.is_driver else None)
+        num_prompts = from_driver(len(groups) if self.run.is_driver else None)
+        if not accepted:
+            return np.zeros(num_prompts)
+        norms = self.run.grad_norm_estimator(accepted)
+        totals = np.zeros(num_prompts)
+        counts = np.zeros(num_prompts)
+        np.add.at(totals, owners, norms)
+        np.add.at(counts, owners, 1)
+        return np.divide(totals, counts, out=np.zeros(num_prompts), where=counts > 0)
+
+    def allocate(self, prompts: list, stage1: Optional[Stage1]) -> AllocationResult:
+        """n_i for every prompt (driver): GVM from the statistics, or uniform."""
+        if not self.run.is_driver:
+            return AllocationResult(samples=np.zeros(0, dtype=np.int64),
+                                    reasons=np.zeros(0, dtype=np.int8), continuous=np.zeros(0))
+        m = len(prompts)
+        if stage1 is None:
+            return self.allocator.allocate(m, self.allocator.budget(m))
+        ids = [p.id for p in prompts]
+        n = self.cfg.gvm.presample_n
+        accepted = [g.num_accepted for g in stage1.groups]
+        self.stats.update(ids, [n] * m, accepted,
+                          np.where(np.array(accepted) > 0, stage1.grad_norms, np.nan))
+        grad_norms, accept_rates = self.stats.estimates(ids)
+        stage1.grad_norms, stage1.accept_rates = grad_norms, accept_rates
+        return self.allocator.allocate(m, self.allocator.budget(m), grad_norms, accept_rates)
+
+    def sample(self, prompts: list, counts, it: int, stage: str) -> list[Group]:
+        """Verified samples (driver only; other ranks get an empty list)."""
+        if not self.run.is_driver:
+            return []
+        run = self.run
+        groups = sample_and_score(run.engine, run.scorer, run.tokenizer, prompts,
+                                  [run.encode(p) for p in prompts], counts, run.sampling,
+                                  seed=self.cfg.run.seed, iteration=it, stage=stage)
+        self.samples_total += sum(len(g.samples) for g in groups)
+        self.tokens_generated += sum(len(s.output_ids) for g in groups for s in g.samples)
+        return groups
+
+    def update_policy(self, groups: list[Group]) -> Optional[dict]:
+        """PPO epochs x mini-batches of policy steps on this rank's share (collective)."""
+        run, algo = self.run, self.cfg.algorithm
+        shares = from_driver(training_samples(groups, run.loss_spec, run.layout.dp)
+                             if run.is_driver else None)
+        per_rank, imbalance = shares
+        if sum(len(s) for s in per_rank) == 0:
+            return None
+        mine: RankSamples = per_rank[run.layout.dp_rank]
+        reports = []
+        for _ in range(algo.ppo_epochs):
+            for part in mini_batches(mine, algo.mini_batches):
+                reports.append(run.policy_step(part))
+        applied = [r for r in reports if not r.skipped]
+        if len(applied) < len(reports) and run.is_driver:
+            reasons = sorted({r.reason for r in reports if r.skipped})
+            run.log.warning(f"skipped {len(reports) - len(applied)} of {len(reports)} policy "
+                            f"steps: {'; '.join(reasons)}")
+
+        def mean(key: str) -> Optional[float]:
+            values = [r.metrics.get(key) for r in applied if r.metrics.get(key) is not None]
+            return float(np.mean(values)) if values else None
+        return {"loss": float(np.mean([r.loss for r in applied])) if applied else None,
+                "kl": mean("kl"), "entropy": mean("entropy"),
+                "clip_fraction": mean("clip_fraction"),
+                "policy_grad_norm": float(np.mean([r.grad_norm for r in applied])) if applied else None,
+                "steps_skipped": len(reports) - len(applied), "dp_imbalance": imbalance}
+
+    def sync_weights(self, version: str) -> None:
+        self.run.sync_weights(version)
+
+    def evaluate(self) -> dict:
+        return self.run.evaluate()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def record(self, it: int, prompts: list, stage1: Optional[Stage1],
+               allocation: AllocationResult, stage2: list[Group], step: Optional[dict],
+               timer: PhaseTimer) -> dict:
+        if not self.run.is_driver:
+            return {}
+        rewards = [r for g in stage2 for r in g.rewards]
+        samples = allocation.samples
+        out = {"iteration": it, "samples_total": self.samples_total,
+               "tokens_generated": self.tokens_generated,
+               "accept_rate_mean": float(np.mean(rewards)) if rewards else None,
+               "alloc_min": int(samples.min()) if samples.size else None,
+               "alloc_max": int(samples.max()) if samples.size else None,
+               "lr": self.run.lr, **(step or {"loss": None, "kl": None, "entropy": None}),
+               **timer.seconds}
+        if stage1 is not None:
+            diag = diagnose(samples, stage1.grad_norms, stage1.accept_rates, allocation.reasons)
+            seen = stage1.grad_norms[stage1.accept_rates > 0]
+            out.update(presample_accept_rate_mean=float(np.mean(stage1.accept_rates)),
+                       grad_norm_mean=float(np.mean(seen)) if seen.size else None,
+                       variance_ratio=diag.variance_ratio, alloc_gini=diag.n_gini)
+            ids = [p.id for p in prompts]
+            self.run.log.log_allocation(it, dict(zip(ids, samples.tolist())),
+                                        accept_rate=dict(zip(ids, stage1.accept_rates.tolist())),
+                                        grad_norm=dict(zip(ids, stage1.grad_norms.tolist())))
+        else:
+            out.update(grad_norm_mean=None, variance_ratio=None)
+            self.run.log.log_allocation(it, {p.id: n for p, n in zip(prompts, samples.tolist())})
+        return out
+
+    def save_checkpoint(self, iteration: int) -> None:
+        extra = {"stats": self.stats.state_dict(), "stream": self.run.stream.state_dict(),
+                 "samples_total": self.samples_total,
+                 "tokens_generated": self.tokens_generated} if self.run.is_driver else None
+        self.run.save_checkpoint(iteration, extra)
+
+    def _resume(self) -> int:
+        """The last completed iteration of a checkpoint in the run directory, or 0."""
+        loaded = self.run.resumed
+        if loaded is None:
+            return 0
+        if self.run.is_driver and loaded.extra_state:
+            state = loaded.extra_state
+            self.stats.load_state_dict(state["stats"])
+            self.run.stream.load_state_dict(state["stream"])
+            self.samples_total = state["samples_total"]
+            self.tokens_generated = state["tokens_generated"]
+        return loaded.iteration
+
+
+def merge_groups(first: list[Group], second: list[Group]) -> list[Group]:
+    """Stage-1 and stage-2 samples of each prompt as one group (reuse of pre-sampling)."""
+    return [Group(a.prompt, a.prompt_ids, a.samples + b.samples, a.rewards + b.rewards)
+            for a, b in zip(first, second)]

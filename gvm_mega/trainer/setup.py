@@ -1,0 +1,234 @@
+"""Everything a run needs, built once per rank: :func:`build_run` returns a :class:`RunSetup`.
+
+All ranks: the parallel layout, tokenizer, policy (and frozen reference for KL), checkpoints,
+the gradient-norm estimator. The driver also gets the prompt stream, eval sets, verifier,
+rollout engine and run logger. Initial weights come from, in order: the run directory's
+latest checkpoint (resume), ``checkpoint.load``, ``model.hf_path``, or a fresh init followed
+by the supervised warm start.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from gvm_mega.data import DataError, PromptStream, build_template, load_prompts
+from gvm_mega.trainer.batch import RankSamples
+from gvm_mega.trainer.comm import from_driver
+from gvm_mega.trainer.warm_start import sft_pairs, warm_start
+
+
+class SetupError(ValueError):
+    """A run that cannot start, with the reason worded for the user."""
+
+
+@dataclasses.dataclass
+class RunSetup:
+    cfg: Any
+    layout: Any
+    run_dir: Path
+    tokenizer: Any
+    template: Any
+    policy: Any
+    reference: Any
+    checkpoints: Any
+    loss_spec: Any
+    estimator: Any
+    resumed: Any = None
+    # driver only
+    log: Any = None
+    stream: Any = None
+    eval_sets: list = dataclasses.field(default_factory=list)
+    scorer: Any = None
+    engine: Any = None
+    sampling: Any = None
+    eval_sampling: Any = None
+
+    @property
+    def is_driver(self) -> bool:
+        return self.layout.is_driver
+
+    @property
+    def lr(self) -> float:
+        return self.policy.lr
+
+    def encode(self, prompt: Any) -> list[int]:
+        return self.tokenizer.encode_prompt(self.template.render(prompt.problem))
+
+    # -------------------------------------------------------------- collective steps
+    def grad_norm_estimator(self, pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:
+        """Per-response gradient norms of (prompt, response) pairs, DP ranks sharing the work."""
+        from megatron.core import parallel_state as ps
+
+        from gvm_mega.gradnorm import distributed_norms, make_batch
+
+        batch = make_batch([p for p, _ in pairs], [r for _, r in pairs],
+                           pad_id=self.tokenizer.pad_token_id or 0)
+        norms = distributed_norms(self.estimator, batch, ps.get_data_parallel_group())
+        return norms.numpy()
+
+    def policy_step(self, part: RankSamples) -> Any:
+        """Behaviour (and reference) log-probs, then one optimizer step (collective)."""
+        from gvm_mega.training import SampleBatch
+
+        batch = SampleBatch(part.sequences, part.prompt_lengths, advantages=part.advantages)
+        old = self.policy.logprobs(batch).as_lists()
+        ref = self.reference.logprobs(batch).as_lists() if self.reference is not None else None
+        return self.policy.train_step(batch.with_values(old_logprobs=old, ref_logprobs=ref))
+
+    def sync_weights(self, version: str) -> None:
+        """Gather the policy into HF layout on the driver and load it into the engine."""
+        from gvm_mega.models import mcore_to_hf_state_dict
+
+        state = mcore_to_hf_state_dict(self.policy.module)
+        if self.is_driver:
+            self.engine.update_weights(state, version)
+
+    def evaluate(self) -> dict:
+        """Held-out metrics on the driver (``eval_accuracy``, ...); {} elsewhere."""
+        if not self.is_driver or not self.eval_sets:
+            return {}
+        from gvm_mega.evaluation import eval_metrics, evaluate
+
+        results = [evaluate(self.engine, self.tokenizer, prompts, self.template,
+                            samples=self.cfg.train.eval_samples, sampling=self.eval_sampling,
+                            scorer=self.scorer, name=name, seed=self.cfg.run.seed,
+                            timeout=self.cfg.reward.timeout_s)
+                   for name, prompts in self.eval_sets]
+        return eval_metrics(results)
+
+    def save_checkpoint(self, iteration: int, extra_state: Any) -> None:
+        self.checkpoints.save(self.policy, iteration, extra_state)
+
+    def close(self) -> None:
+        if self.is_driver:
+            self.scorer.close()
+            self.log.close()
+
+
+def build_run(cfg: Any, run_dir: Optional[str] = None) -> RunSetup:
+    from gvm_mega.gradnorm import GradNormEstimator
+    from gvm_mega.models import load_hf_into_mcore, mcore_to_hf_state_dict
+    from gvm_mega.parallel import init_distributed
+    from gvm_mega.runlog import RunLogger, resolve_run_dir
+    from gvm_mega.training import CheckpointManager, LossSpec, Policy
+
+    if cfg.algorithm.uses_gvm and cfg.parallel.pp > 1:
+        raise SetupError("parallel.pp > 1 is not supported with GVM algorithms yet: the "
+                         "gradient-norm estimator needs the whole model on one pipeline stage; "
+                         "use parallel.tp/dp, or a uniform algorithm (raft, raft++, grpo)")
+    layout = init_distributed(cfg.parallel, seed=cfg.run.seed)
+    driver = layout.is_driver
+    _resolve_model(cfg)
+    tokenizer = _tokenizer(cfg)
+    template = build_template(cfg.data.template, tokenizer_dir=_tokenizer_dir(cfg))
+    path = Path(from_driver(str(resolve_run_dir(cfg, run_dir)) if driver else None))
+    cfg.run.run_dir = str(path)
+
+    checkpoints = CheckpointManager(path / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    policy = Policy.from_config(cfg, pad_id=tokenizer.pad_token_id or 0)
+    resumed = checkpoints.load(policy) if cfg.checkpoint.resume else None
+    if resumed is None:
+        _initial_weights(cfg, policy, tokenizer, template, layout, checkpoints,
+                         load_hf_into_mcore)
+    reference = _reference(cfg, policy, path, fresh=resumed is None)
+
+    setup = RunSetup(cfg=cfg, layout=layout, run_dir=path, tokenizer=tokenizer,
+                     template=template, policy=policy, reference=reference,
+                     checkpoints=checkpoints, loss_spec=LossSpec.from_config(cfg.algorithm),
+                     estimator=GradNormEstimator.from_config(policy.module, cfg),
+                     resumed=resumed)
+    state = mcore_to_hf_state_dict(policy.module)
+    if driver:
+        setup.log = RunLogger.start(cfg, path, resume_iteration=resumed.iteration if resumed else None)
+        _driver_parts(setup, state)
+    return setup
+
+
+# ---------------------------------------------------------------------- pieces
+def _resolve_model(cfg: Any) -> None:
+    """With ``model.hf_path``, the architecture comes from its config.json."""
+    if cfg.model.hf_path:
+        from gvm_mega.models import model_config_from_hf
+
+        hf = model_config_from_hf(cfg.model.hf_path)
+        tokenizer = cfg.model.tokenizer if cfg.model.tokenizer != "builtin" else cfg.model.hf_path
+        cfg.model = dataclasses.replace(hf, hf_path=cfg.model.hf_path, tokenizer=tokenizer,
+                                        params_dtype=cfg.model.params_dtype)
+
+
+def _tokenizer_dir(cfg: Any) -> Optional[str]:
+    return None if cfg.model.tokenizer == "builtin" else cfg.model.tokenizer
+
+
+def _tokenizer(cfg: Any) -> Any:
+    from gvm_mega.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise SetupError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
+                         f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+    return tokenizer
+
+
+def _initial_weights(cfg: Any, policy: Any, tokenizer: Any, template: Any, layout: Any,
+                     checkpoints: Any, load_hf_into_mcore: Any) -> None:
+    if cfg.checkpoint.load:
+        checkpoints.load(policy, path=cfg.checkpoint.load, load_optimizer=False)
+    elif cfg.model.hf_path:
+        load_hf_into_mcore(policy.module, cfg.model.hf_path)
+    elif cfg.train.warmup_steps > 0:
+        prompts = load_prompts(cfg.data.train_path, cfg.data).prompts
+        sft = warm_start(cfg, sft_pairs(prompts, template, tokenizer), dp_rank=layout.dp_rank,
+                         dp_size=layout.dp, seed=cfg.run.seed)
+        policy.module.load_state_dict(sft.module.state_dict())
+        del sft
+
+
+def _reference(cfg: Any, policy: Any, run_dir: Path, *, fresh: bool) -> Any:
+    """A frozen copy of the starting weights when a KL penalty is on (kept in the run dir)."""
+    if cfg.algorithm.kl_coef == 0:
+        return None
+    from gvm_mega.models import load_mcore_checkpoint, save_mcore_checkpoint
+    from gvm_mega.training import Policy
+
+    reference = Policy(cfg.model, trainable=False,
+                       micro_batch_tokens=cfg.parallel.micro_batch_tokens,
+                       temperature=cfg.rollout.temperature or 1.0)
+    where = run_dir / "reference"
+    if fresh:
+        reference.module.load_state_dict(policy.module.state_dict())
+        save_mcore_checkpoint(reference.module, where, cfg.model)
+    else:
+        load_mcore_checkpoint(reference.module, where)
+    return reference
+
+
+def _driver_parts(setup: RunSetup, hf_state: dict) -> None:
+    from gvm_mega.models import hf_config_from_model_config
+    from gvm_mega.reward import RewardScorer
+    from gvm_mega.rollout import build_engine, sampling_from_config
+
+    cfg = setup.cfg
+    try:
+        train = load_prompts(cfg.data.train_path, cfg.data, tokenizer=setup.tokenizer,
+                             template=setup.template)
+        setup.eval_sets = [(spec, load_prompts(spec, cfg.data, tokenizer=setup.tokenizer,
+                                               template=setup.template).prompts)
+                           for spec in cfg.data.eval_paths]
+    except (DataError, OSError) as exc:
+        raise SetupError(str(exc)) from exc
+    setup.log.info(f"train prompts: {train.stats.summary()}")
+    setup.stream = PromptStream(train.prompts, seed=cfg.run.seed)
+    setup.scorer = RewardScorer.from_config(cfg.reward)
+    stops = tuple(setup.tokenizer.eos_token_ids)
+    setup.sampling = sampling_from_config(cfg.rollout, stop_token_ids=stops)
+    greedy = cfg.train.eval_samples == 1
+    setup.eval_sampling = setup.sampling.replace(temperature=0.0 if greedy else cfg.rollout.temperature)
+    hf_config = hf_config_from_model_config(cfg.model, eos_token_id=setup.tokenizer.eos_token_id)
+    setup.engine = build_engine(cfg.rollout, hf_config, hf_state, tokenizer=setup.tokenizer,
+                                run_dir=str(setup.run_dir), seed=cfg.run.seed)
+    if cfg.rollout.engine != "embedded":
+        setup.engine.update_weights(hf_state, "start")
