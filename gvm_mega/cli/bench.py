@@ -12,6 +12,8 @@ import importlib
 # name -> (module implementing it, one-line summary for the listing)
 BENCHMARKS = {
     "allocation": ("gvm_mega.allocation.bench", "GVM allocation: vectorised numpy vs a per-prompt loop"),
+    "convergence": ("gvm_mega.convergence.bench",
+                    "GVM vs uniform RAFT++/GRPO: held-out accuracy per sample, speedup"),
     "gradnorm": ("gvm_mega.gradnorm.bench", "per-response gradient norms: batched vs autograd loop"),
     "reward": ("gvm_mega.reward.bench", "verifications/s on typical and adversarial answers"),
     "rollout": ("gvm_mega.rollout.bench", "embedded-engine tokens/s, client overhead, weight sync"),

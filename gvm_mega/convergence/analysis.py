@@ -1,0 +1,212 @@
+"""Accuracy-vs-samples curves and the sample-efficiency speedup of GVM over uniform sampling.
+
+A run's curve is its held-out ``eval_accuracy`` against ``samples_total`` (every generated
+response, stage-1 pre-sampling included) at the iterations where it evaluated. Seeds of one
+algorithm are averaged point by point at the eval iterations they share, so the mean curve
+keeps the x-axis in samples. A GVM variant's speedup is measured against its uniform
+baseline: the samples the baseline needs to first reach its own final mean accuracy, divided
+by the samples the variant needs to first reach that same accuracy, reading both off the
+seed-mean curves with linear interpolation between eval points.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+# The uniform algorithm each GVM variant is compared with.
+BASELINES = {"gvm-raft++": "raft++", "gvm-grpo": "grpo"}
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Eval points of one run (or a seed mean): iterations, samples_total, accuracy."""
+
+    iterations: tuple[int, ...]
+    samples: tuple[float, ...]
+    accuracy: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.iterations) == len(self.samples) == len(self.accuracy)):
+            raise ValueError("a curve needs as many iterations, samples and accuracies")
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.accuracy[-1]
+
+    def to_dict(self) -> dict:
+        return {"iteration": list(self.iterations), "samples_total": list(self.samples),
+                "eval_accuracy": list(self.accuracy)}
+
+
+def _number(value: object) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def curve_from_records(records: Sequence[Mapping], where: str = "metrics") -> Curve:
+    """The eval points of a run's ``metrics.jsonl`` records (ValueError if it has none)."""
+    its, xs, ys = [], [], []
+    for record in records:
+        acc, x = _number(record.get("eval_accuracy")), _number(record.get("samples_total"))
+        if acc is None:
+            continue
+        if x is None:
+            raise ValueError(f"{where}: iteration {record.get('iteration')} has eval_accuracy "
+                             f"but no samples_total")
+        its.append(int(record["iteration"]))
+        xs.append(x)
+        ys.append(acc)
+    if not its:
+        raise ValueError(f"{where}: no record with eval_accuracy")
+    return Curve(tuple(its), tuple(xs), tuple(ys))
+
+
+def load_curve(metrics_path: str | Path) -> Curve:
+    """:func:`curve_from_records` of a ``metrics.jsonl`` file (errors name the file/line)."""
+    from gvm_mega.runlog import read_records
+
+    return curve_from_records(read_records(metrics_path), str(metrics_path))
+
+
+def mean_curve(curves: Sequence[Curve]) -> Curve:
+    """Point-by-point seed mean over the eval iterations every curve has."""
+    if not curves:
+        raise ValueError("mean_curve needs at least one curve")
+    shared = set(curves[0].iterations).intersection(*(c.iterations for c in curves[1:]))
+    if not shared:
+        raise ValueError("the seeds' curves share no eval iteration")
+    its = sorted(shared)
+    xs, ys = [], []
+    for it in its:
+        idx = [c.iterations.index(it) for c in curves]
+        xs.append(float(np.mean([c.samples[i] for c, i in zip(curves, idx)])))
+        ys.append(float(np.mean([c.accuracy[i] for c, i in zip(curves, idx)])))
+    return Curve(tuple(its), tuple(xs), tuple(ys))
+
+
+def samples_to_reach(curve: Curve, target: float) -> Optional[float]:
+    """Samples at which ``curve`` first reaches ``target`` accuracy, linearly interpolated
+    between the eval points around the crossing; None if it never does."""
+    for i, (x, y) in enumerate(zip(curve.samples, curve.accuracy)):
+        if y >= target - _EPS:
+            if i == 0:
+                return x
+            x0, y0 = curve.samples[i - 1], curve.accuracy[i - 1]
+            if y <= y0:  # only reachable through float tolerance: take this point
+                return x
+            return x0 + (target - y0) * (x - x0) / (y - y0)
+    return None
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """A GVM variant against its uniform baseline, on seed-mean curves."""
+
+    variant: str
+    baseline: str
+    target_accuracy: Optional[float]
+    baseline_samples: Optional[float]
+    variant_samples: Optional[float]
+    speedup: Optional[float]
+    reached: bool
+    note: str
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def speedup(variant: str, variant_curve: Curve, baseline: str, baseline_curve: Curve) -> Speedup:
+    """Baseline samples to its own final accuracy / variant samples to that accuracy."""
+    target = baseline_curve.final_accuracy
+    base_n = samples_to_reach(baseline_curve, target)
+    var_n = samples_to_reach(variant_curve, target)
+    assert base_n is not None  # the final point always reaches the final accuracy
+    if var_n is None:
+        return Speedup(variant, baseline, target, base_n, None, None, False,
+                       f"{variant} never reaches {baseline}'s final accuracy {target:.4f} "
+                       f"(its best is {max(variant_curve.accuracy):.4f})")
+    if base_n <= 0 or var_n <= 0:
+        return Speedup(variant, baseline, target, base_n, var_n, None, True,
+                       f"{baseline}'s final accuracy {target:.4f} is already reached before "
+                       f"any RL sample (no improvement over the warm start): speedup undefined")
+    return Speedup(variant, baseline, target, base_n, var_n, base_n / var_n, True,
+                   f"{variant} reaches {target:.4f} after {var_n:.0f} samples, "
+                   f"{baseline} after {base_n:.0f}")
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Mean, population std, min and max of per-seed values."""
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
+            "max": float(a.max()), "n": int(a.size)}
+
+
+def summarise(curves: Mapping[str, Sequence[Curve]]) -> dict:
+    """The table: per algorithm final accuracy over seeds and its seed-mean curve; per GVM
+    variant the samples to reach its baseline's final accuracy and the speedup.
+
+    ``curves`` maps an algorithm to its finished seeds' curves (algorithms with none are
+    listed with ``seeds: 0``). GVM variants whose baseline has no finished seed get a
+    speedup entry that says so.
+    """
+    algorithms: dict[str, dict] = {}
+    means: dict[str, Curve] = {}
+    for name, runs in curves.items():
+        if not runs:
+            algorithms[name] = {"seeds": 0, "final_accuracy": None, "final_samples": None,
+                                "mean_curve": None}
+            continue
+        means[name] = mean_curve(runs)
+        algorithms[name] = {"seeds": len(runs),
+                            "final_accuracy": spread([c.final_accuracy for c in runs]),
+                            "final_samples": spread([c.samples[-1] for c in runs]),
+                            "mean_curve": means[name].to_dict()}
+    speedups: dict[str, dict] = {}
+    for variant, base in BASELINES.items():
+        if variant not in curves:
+            continue
+        if variant not in means or base not in means:
+            missing = [a for a in (variant, base) if a not in means]
+            speedups[variant] = Speedup(
+                variant, base, None, None, None, None, False,
+                f"no finished run of {' and '.join(missing)}: speedup not measured").to_dict()
+            continue
+        speedups[variant] = speedup(variant, means[variant], base, means[base]).to_dict()
+    return {"algorithms": algorithms, "speedups": speedups}
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table_markdown(summary: Mapping) -> str:
+    """The summary as two markdown tables (accuracy per algorithm; speedup per variant)."""
+    lines = ["| algorithm | seeds | final accuracy (mean ± std) | min – max | samples at end |",
+             "|---|---:|---:|---:|---:|"]
+    for name, row in summary["algorithms"].items():
+        acc, n = row["final_accuracy"], row["final_samples"]
+        if acc is None:
+            lines.append(f"| {name} | 0 | — | — | — |")
+            continue
+        lines.append(f"| {name} | {row['seeds']} | {acc['mean']:.4f} ± {acc['std']:.4f} | "
+                     f"{acc['min']:.4f} – {acc['max']:.4f} | {n['mean']:.0f} |")
+    if summary["speedups"]:
+        lines += ["", "| GVM variant | baseline | target accuracy | baseline samples | "
+                      "GVM samples | speedup |", "|---|---|---:|---:|---:|---:|"]
+        for name, s in summary["speedups"].items():
+            var_n = _fmt(s["variant_samples"], ".0f")
+            if s["target_accuracy"] is not None and not s["reached"]:
+                var_n = "never reached"
+            lines.append(f"| {name} | {s['baseline']} | {_fmt(s['target_accuracy'], '.4f')} | "
+                         f"{_fmt(s['baseline_samples'], '.0f')} | {var_n} | "
+                         f"{_fmt(s['speedup'], '.2f')}{'x' if s['speedup'] is not None else ''} |")
+        notes = [f"- {name}: {s['note']}" for name, s in summary["speedups"].items()]
+        lines += [""] + notes
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,281 @@
+"""``gvm-mega bench convergence``: GVM against uniform sampling, accuracy per sample spent.
+
+One warm-start run trains the supervised warm start once; its weights start every arm
+(``checkpoint.load``, ``train.warmup_steps=0``). Each (algorithm, seed) arm then trains on the
+same prompts (same ``run.seed`` for every algorithm) with the same rollout budget per
+iteration: the uniform algorithms draw ``algorithm.uniform_n = gvm.budget_per_prompt``
+samples per prompt, the GVM variants draw N' pre-samples per prompt plus that budget, and
+``samples_total`` counts both. Arms run one after another in fresh processes.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Optional, get_args, get_type_hints
+
+from gvm_mega.convergence.analysis import BASELINES, Curve, load_curve, summarise
+from gvm_mega.convergence.arms import ArmResult, export_weights, run_training, weights_ready
+from gvm_mega.convergence.report import write_outputs
+
+DESCRIPTION = ("GVM-RAFT++/GVM-GRPO against uniform RAFT++/GRPO from one warm start: held-out "
+               "accuracy against samples generated, and the sample-efficiency speedup")
+
+DEFAULT_ALGORITHMS = ("raft++", "gvm-raft++", "grpo", "gvm-grpo")
+QUICK_ALGORITHMS = ("raft++", "gvm-raft++")
+
+# Sizes, applied before the user's overrides. The default fits within an hour on 2 CPU cores
+# (warm start + 4 algorithms x 3 seeds); quick is a smoke test of the whole pipeline.
+# The default keeps the config's GVM settings (N', budget) and prompts per iteration.
+DEFAULT_SIZE = (
+    "train.iterations=30",
+    "train.eval_every=3",
+    "data.arithmetic_test_size=200",
+    "checkpoint.save_every=10",
+)
+QUICK_SIZE = (
+    "train.iterations=2",
+    "train.eval_every=1",
+    "train.warmup_steps=2",
+    "train.warmup_batch_size=4",
+    "train.prompts_per_iteration=2",
+    "gvm.presample_n=2",
+    "gvm.budget_per_prompt=2",
+    "model.num_layers=1",
+    "model.hidden_size=32",
+    "model.ffn_hidden_size=64",
+    "model.num_attention_heads=2",
+    "model.num_query_groups=1",
+    "rollout.max_new_tokens=8",
+    "data.arithmetic_train_size=64",
+    "data.arithmetic_test_size=4",
+    "reward.workers=1",
+)
+# Every run of the benchmark: quiet logs, no event files.
+COMMON = ("logging.progress_bars=false", "logging.tensorboard=false")
+# Keys the benchmark sets per arm; overriding them would break the comparison.
+MANAGED_KEYS = ("algorithm.name", "algorithm.uniform_n", "checkpoint.load")
+
+
+def _default_config() -> Optional[str]:
+    path = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
+    return str(path) if path.is_file() else None
+
+
+class _OverridesAnywhere(argparse.ArgumentParser):
+    """Takes ``key=value`` overrides before, between and after options: a ``*`` positional
+    alone is bound once, so plain parsing rejects overrides that follow an option."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.__class__ = _OverridesAnywhere
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per algorithm (default 3; 1 with --quick)")
+    parser.add_argument("--algorithms", default=None,
+                        help=f"comma-separated (default {','.join(DEFAULT_ALGORITHMS)}; "
+                             f"{','.join(QUICK_ALGORITHMS)} with --quick)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default runs/bench-convergence[-quick]); "
+                             "re-running with the same --out reuses finished runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-test size: 1 seed, 2 algorithms, 2 iterations, tiny model")
+    parser.add_argument("--config", default=None,
+                        help="base YAML config (default configs/demo_cpu.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides for every run, after the benchmark's size")
+
+
+def _fail(message: str) -> NoReturn:
+    from gvm_mega.cli import CLIError
+
+    raise CLIError(message)
+
+
+def _algorithms(text: Optional[str], quick: bool) -> list[str]:
+    from gvm_mega.config.schema import AlgorithmConfig
+
+    known = get_args(get_type_hints(AlgorithmConfig)["name"])
+    if text is None:
+        return list(QUICK_ALGORITHMS if quick else DEFAULT_ALGORITHMS)
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in names if a not in known]
+    if not names or bad:
+        _fail(f"--algorithms {text!r}: unknown algorithm(s) {', '.join(bad) or '(none given)'}; "
+              f"choose from {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class Plan:
+    """The resolved benchmark: base config, overrides every run shares, arms to train."""
+
+    config: str
+    shared: list[str]
+    cfg: Any  # the resolved config of the shared settings
+    seeds: int
+    algorithms: list[str]
+    uniform_n: int
+    out: Path
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """Resolve the options into the runs to make (no training happens here)."""
+    from gvm_mega.config import load_config
+
+    config = args.config or _default_config()
+    if config is None:
+        _fail("no --config given and configs/demo_cpu.yaml is not next to the package")
+    if not Path(config).is_file():
+        _fail(f"--config {config}: no such file")
+    for o in args.overrides:
+        if "=" not in o:
+            _fail(f"override {o!r}: expected section.key=value")
+        if o.split("=", 1)[0].strip() in MANAGED_KEYS:
+            _fail(f"override {o!r}: {o.split('=', 1)[0]} is set by the benchmark for each run")
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    if seeds < 1:
+        _fail(f"--seeds {seeds}: must be >= 1")
+    algorithms = _algorithms(args.algorithms, args.quick)
+    shared = [*COMMON, *(QUICK_SIZE if args.quick else DEFAULT_SIZE), *args.overrides]
+    cfg = load_config(config, shared)  # ConfigError names the bad key
+    budget = cfg.gvm.budget_per_prompt
+    if budget != int(budget):
+        _fail(f"gvm.budget_per_prompt={budget}: the uniform arms need a whole number of "
+              f"samples per prompt to match the GVM budget")
+    if cfg.train.iterations < 1:
+        _fail("train.iterations must be >= 1 for a convergence benchmark")
+    if cfg.train.eval_every < 1:
+        _fail("train.eval_every=0 evaluates only at the start and the end: set it to >= 1 "
+              "so that the runs have accuracy curves")
+    if cfg.train.warmup_steps < 1 and not cfg.model.hf_path:
+        _fail("train.warmup_steps is 0 and there is no model.hf_path: the arms would start "
+              "from random weights")
+    out = Path(args.out or ("runs/bench-convergence" + ("-quick" if args.quick else "")))
+    return Plan(config=config, shared=shared, cfg=cfg, seeds=seeds, algorithms=algorithms,
+                uniform_n=int(budget), out=out)
+
+
+def arm_overrides(p: Plan, algorithm: str, seed: int, weights: Path) -> list[str]:
+    """The shared overrides plus what makes this arm: algorithm, seed, start weights."""
+    return [*p.shared, f"algorithm.name={algorithm}", f"run.seed={seed}",
+            f"algorithm.uniform_n={p.uniform_n}", "train.warmup_steps=0",
+            f"checkpoint.load={weights.resolve()}"]
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def check_settings(out: Path, p: Plan) -> None:
+    """Record the runs' settings in ``out``; refuse an ``out`` made with other settings
+    (its finished runs would be reused and mixed with runs of a different experiment)."""
+    import json
+
+    settings = {"config": str(Path(p.config).resolve()), "overrides": list(p.shared)}
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            _fail(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); remove it or use another --out")
+        if old != settings:
+            added = [o for o in settings["overrides"] if o not in old.get("overrides", [])]
+            removed = [o for o in old.get("overrides", []) if o not in settings["overrides"]]
+            what = "; ".join(filter(None, [
+                f"config {old.get('config')} -> {settings['config']}"
+                if old.get("config") != settings["config"] else "",
+                f"new: {' '.join(added)}" if added else "",
+                f"no longer: {' '.join(removed)}" if removed else ""])) or "override order"
+            _fail(f"--out {out} holds runs made with different settings ({what}); use another "
+                  f"--out, or the same config and overrides to resume it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def run_benchmark(p: Plan) -> tuple[dict, list[ArmResult], dict[str, list[Curve]]]:
+    """Warm start, then every arm; returns the summary and every process's outcome."""
+    out, cfg = p.out, p.cfg
+    check_settings(out, p)
+    logs = out / "logs"
+    base_seed = cfg.run.seed
+    weights = out / "warm_start" / "weights"
+    arms: list[ArmResult] = []
+    warm = run_training("warm_start", p.config, out / "warm_start" / "run",
+                        [*p.shared, "train.iterations=0"], 0, logs)
+    warm.extra["eval_accuracy"] = None
+    arms.append(warm)
+    if warm.ok:
+        if warm.status == "done" or not weights_ready(weights):
+            export_weights(warm.run_dir, weights)
+        warm.extra["eval_accuracy"] = load_curve(warm.run_dir / "metrics.jsonl").final_accuracy
+    curves: dict[str, list[Curve]] = {a: [] for a in p.algorithms}
+    for algorithm in p.algorithms:
+        for k in range(p.seeds):
+            seed = base_seed + k
+            name = f"{algorithm}-seed{seed}"
+            if not warm.ok:
+                arms.append(ArmResult(name, out / "runs" / algorithm / f"seed{seed}",
+                                      logs / f"{name}.log", "failed", algorithm=algorithm,
+                                      seed=seed, log_tail="not run: the warm start failed"))
+                continue
+            arm = run_training(name, p.config, out / "runs" / algorithm / f"seed{seed}",
+                               arm_overrides(p, algorithm, seed, weights),
+                               cfg.train.iterations, logs)
+            arm.algorithm, arm.seed = algorithm, seed
+            arms.append(arm)
+            if arm.ok:
+                curve = load_curve(arm.run_dir / "metrics.jsonl")
+                arm.extra["curve"] = curve.to_dict()
+                curves[algorithm].append(curve)
+    return summarise(curves), arms, curves
+
+
+def main(args: argparse.Namespace) -> int:
+    p = plan(args)
+    start = time.perf_counter()
+    summary, arms, curves = run_benchmark(p)
+    cfg = p.cfg
+    failures = [a.to_dict() for a in arms if not a.ok]
+    meta = {
+        "benchmark": "convergence",
+        "command": {"config": p.config, "overrides": p.shared, "seeds": p.seeds,
+                    "algorithms": p.algorithms, "quick": bool(args.quick)},
+        "budget": {"prompts_per_iteration": cfg.train.prompts_per_iteration,
+                   "presample_n": cfg.gvm.presample_n,
+                   "budget_per_prompt": cfg.gvm.budget_per_prompt,
+                   "uniform_n": p.uniform_n, "iterations": cfg.train.iterations,
+                   "eval_every": cfg.train.eval_every,
+                   "eval_set": cfg.data.eval_paths},
+        "baselines": {v: b for v, b in BASELINES.items() if v in p.algorithms},
+        "warm_start": {"run_dir": str(arms[0].run_dir),
+                       "weights": str(p.out / "warm_start" / "weights"),
+                       "eval_accuracy": arms[0].extra.get("eval_accuracy")},
+        "runs": [a.to_dict() for a in arms],
+        "failures": failures,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+    paths = write_outputs(p.out, summary, curves, meta)
+    print(paths["table_md"].read_text(encoding="utf-8"))
+    for name, path in paths.items():
+        print(f"wrote {path}")
+    if failures:
+        print(f"{len(failures)} run(s) failed: "
+              f"{', '.join(f['name'] for f in failures)} (log tails in {paths['results']})")
+        return 1
+    return 0
+
+
+__all__ = ["DESCRIPTION", "Plan", "add_arguments", "arm_overrides", "main", "plan",
+           "run_benchmark"]

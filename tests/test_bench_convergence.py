@@ -1,0 +1,233 @@
+"""The convergence benchmark: curve analysis and speedup on hand-made metrics, failure
+reporting of a training process, and one ``--quick`` end-to-end run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gvm_mega.convergence import (Curve, curve_from_records, load_curve, mean_curve,
+                                  samples_to_reach, summarise, table_markdown, write_outputs)
+from gvm_mega.convergence.arms import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_metrics(path: Path, points: list[tuple[int, int, float | None]]) -> Path:
+    """A metrics.jsonl with (iteration, samples_total, eval_accuracy or None) records."""
+    path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for it, samples, acc in points:
+        row = {"iteration": it, "samples_total": samples, "loss": 0.1}
+        if acc is not None:
+            row["eval_accuracy"] = acc
+        rows.append(json.dumps(row))
+    (path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    return path / "metrics.jsonl"
+
+
+def _curve(xs: list[float], ys: list[float]) -> Curve:
+    return Curve(tuple(range(len(xs))), tuple(float(x) for x in xs), tuple(ys))
+
+
+# ---------------------------------------------------------------------- analysis
+def test_curve_keeps_only_eval_records(tmp_path):
+    path = _write_metrics(tmp_path / "run", [(0, 0, 0.1), (1, 100, None), (2, 200, 0.3),
+                                             (3, 300, None), (4, 400, 0.35)])
+    c = load_curve(path)
+    assert c.iterations == (0, 2, 4)
+    assert c.samples == (0.0, 200.0, 400.0)
+    assert c.accuracy == (0.1, 0.3, 0.35)
+    assert c.final_accuracy == 0.35
+    with pytest.raises(ValueError, match="no record with eval_accuracy"):
+        curve_from_records([{"iteration": 1, "samples_total": 3}], "m.jsonl")
+    with pytest.raises(ValueError, match="iteration 2 has eval_accuracy but no samples_total"):
+        curve_from_records([{"iteration": 2, "eval_accuracy": 0.5}], "m.jsonl")
+
+
+def test_samples_to_reach_interpolates_between_eval_points():
+    c = _curve([0, 400, 800], [0.1, 0.3, 0.5])
+    assert samples_to_reach(c, 0.5) == pytest.approx(800.0)
+    assert samples_to_reach(c, 0.4) == pytest.approx(600.0)   # halfway 0.3 -> 0.5
+    assert samples_to_reach(c, 0.15) == pytest.approx(100.0)  # a quarter of 0.1 -> 0.3
+    assert samples_to_reach(c, 0.05) == 0.0                   # already there at the start
+    assert samples_to_reach(c, 0.51) is None
+    # the first crossing counts, not a later one after a dip
+    bumpy = _curve([0, 100, 200, 300], [0.2, 0.6, 0.3, 0.6])
+    assert samples_to_reach(bumpy, 0.4) == pytest.approx(50.0)
+
+
+def test_mean_curve_averages_seeds_at_shared_eval_iterations():
+    a = Curve((0, 2, 4), (0.0, 200.0, 400.0), (0.1, 0.3, 0.5))
+    b = Curve((0, 2, 4), (0.0, 220.0, 380.0), (0.1, 0.5, 0.7))
+    c = Curve((0, 1, 2, 4), (0.0, 90.0, 240.0, 420.0), (0.1, 0.2, 0.4, 0.6))
+    m = mean_curve([a, b, c])
+    assert m.iterations == (0, 2, 4)
+    assert m.samples == pytest.approx((0.0, 220.0, 400.0))
+    assert m.accuracy == pytest.approx((0.1, 0.4, 0.6))
+    with pytest.raises(ValueError, match="share no eval iteration"):
+        mean_curve([Curve((1,), (1.0,), (0.1,)), Curve((2,), (2.0,), (0.2,))])
+
+
+def test_speedup_two_x_never_reached_and_spread():
+    curves = {
+        # baseline: seeds end at 0.4 and 0.6 -> mean final accuracy 0.5, reached at 800
+        "raft++": [_curve([0, 400, 800], [0.1, 0.2, 0.4]), _curve([0, 400, 800], [0.1, 0.4, 0.6])],
+        # GVM: mean (0.1, 0.5, 0.6) over (0, 400, 800) -> reaches 0.5 at 400
+        "gvm-raft++": [_curve([0, 400, 800], [0.1, 0.5, 0.6])],
+        # grpo's mean final accuracy 0.45 is reached at 600 (interpolated 0.3 -> 0.6 on 400..800)
+        "grpo": [_curve([0, 400, 800], [0.1, 0.3, 0.45])],
+        # gvm-grpo never gets to 0.45
+        "gvm-grpo": [_curve([0, 500, 1000], [0.1, 0.3, 0.44])],
+    }
+    s = summarise(curves)
+    acc = s["algorithms"]["raft++"]["final_accuracy"]
+    assert acc["mean"] == pytest.approx(0.5) and acc["std"] == pytest.approx(0.1)
+    assert (acc["min"], acc["max"], acc["n"]) == (0.4, 0.6, 2)
+    assert s["algorithms"]["raft++"]["mean_curve"]["eval_accuracy"] == pytest.approx([0.1, 0.3, 0.5])
+
+    raft = s["speedups"]["gvm-raft++"]
+    assert raft["baseline"] == "raft++" and raft["reached"] is True
+    assert raft["target_accuracy"] == pytest.approx(0.5)
+    assert raft["baseline_samples"] == pytest.approx(800.0)
+    assert raft["variant_samples"] == pytest.approx(400.0)
+    assert raft["speedup"] == pytest.approx(2.0)
+
+    grpo = s["speedups"]["gvm-grpo"]
+    assert grpo["baseline"] == "grpo" and grpo["reached"] is False
+    assert grpo["speedup"] is None and grpo["variant_samples"] is None
+    assert grpo["baseline_samples"] == pytest.approx(800.0)  # first reaches 0.45 at the end
+    assert "never reaches" in grpo["note"] and "0.4400" in grpo["note"]
+
+    md = table_markdown(s)
+    assert "| gvm-raft++ | raft++ | 0.5000 | 800 | 400 | 2.00x |" in md
+    assert "| gvm-grpo | grpo | 0.4500 | 800 | never reached | — |" in md
+    assert "| raft++ | 2 | 0.5000 ± 0.1000 | 0.4000 – 0.6000 | 800 |" in md
+
+
+def test_speedup_interpolated_and_undefined_cases():
+    s = summarise({"raft++": [_curve([0, 300, 600, 900], [0.2, 0.3, 0.35, 0.4])],
+                   "gvm-raft++": [_curve([0, 240, 480], [0.2, 0.3, 0.5])]})
+    # GVM crosses 0.4 halfway between 240 (0.3) and 480 (0.5): 360 -> 900 / 360 = 2.5
+    assert s["speedups"]["gvm-raft++"]["variant_samples"] == pytest.approx(360.0)
+    assert s["speedups"]["gvm-raft++"]["speedup"] == pytest.approx(2.5)
+    # a baseline that never improves on the warm start has no speedup to measure
+    flat = summarise({"grpo": [_curve([0, 100], [0.3, 0.2])],
+                      "gvm-grpo": [_curve([0, 100], [0.3, 0.4])]})
+    assert flat["speedups"]["gvm-grpo"]["speedup"] is None
+    assert "no improvement over the warm start" in flat["speedups"]["gvm-grpo"]["note"]
+    # a missing baseline is said, not dropped
+    alone = summarise({"gvm-grpo": [_curve([0, 100], [0.1, 0.4])], "grpo": []})
+    assert alone["algorithms"]["grpo"]["seeds"] == 0
+    assert alone["speedups"]["gvm-grpo"]["speedup"] is None
+    assert "no finished run of grpo" in alone["speedups"]["gvm-grpo"]["note"]
+
+
+def test_outputs_from_hand_made_runs(tmp_path):
+    curves = {"raft++": [_curve([0, 400, 800], [0.1, 0.3, 0.5])],
+              "gvm-raft++": [_curve([0, 400, 800], [0.1, 0.5, 0.6]),
+                             _curve([0, 420, 820], [0.1, 0.4, 0.5])]}
+    paths = write_outputs(tmp_path, summarise(curves), curves, {"benchmark": "convergence"})
+    results = json.loads(paths["results"].read_text())
+    # GVM seed mean: samples (0, 410, 810), accuracy (0.1, 0.45, 0.55): 0.5 at 610
+    assert results["speedups"]["gvm-raft++"]["variant_samples"] == pytest.approx(610.0)
+    assert results["speedups"]["gvm-raft++"]["speedup"] == pytest.approx(800 / 610)
+    assert results["algorithms"]["gvm-raft++"]["final_accuracy"]["mean"] == pytest.approx(0.55)
+    table = json.loads(paths["table_json"].read_text())
+    assert [r["algorithm"] for r in table["algorithms"]] == ["raft++", "gvm-raft++"]
+    assert table["gvm_variants"][0]["baseline"] == "raft++"
+    assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------- processes
+def test_failed_training_process_is_reported_with_its_log(tmp_path):
+    echoed: list[str] = []
+    result = run_training("broken", str(tmp_path / "missing.yaml"), tmp_path / "run", [], 1,
+                          tmp_path / "logs", echo=echoed.append)
+    assert result.status == "failed" and not result.ok
+    assert result.returncode == 2
+    assert "missing.yaml" in result.log_tail
+    assert result.to_dict()["log_tail"] == result.log_tail
+    assert any("FAILED" in line for line in echoed)
+
+
+def test_quick_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "gvm_mega", "bench", "convergence", "--quick", "--out", str(out),
+           "data.arithmetic_test_size=3", "rollout.max_new_tokens=6"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["failures"] == []
+    assert results["command"]["algorithms"] == ["raft++", "gvm-raft++"]
+    assert results["budget"]["uniform_n"] == 2 and results["budget"]["presample_n"] == 2
+    assert results["baselines"] == {"gvm-raft++": "raft++"}
+    assert set(results["speedups"]) == {"gvm-raft++"}
+    assert results["speedups"]["gvm-raft++"]["baseline"] == "raft++"
+    for name in ("raft++", "gvm-raft++"):
+        (run,) = results["runs_per_algorithm"][name]
+        assert run["iteration"] == [0, 1, 2]  # eval after the warm start and every iteration
+        # every arm starts from the shared warm start: same iteration-0 accuracy
+        assert run["eval_accuracy"][0] == results["warm_start"]["eval_accuracy"]
+    uniform = results["runs_per_algorithm"]["raft++"][0]["samples_total"]
+    assert uniform == [0, 4, 8]  # 2 prompts x uniform_n=2 per iteration
+    gvm = results["runs_per_algorithm"]["gvm-raft++"][0]["samples_total"]
+    assert gvm[1] >= 4  # N'=2 pre-samples x 2 prompts count in samples_total
+    arm_cfg = (out / "runs" / "gvm-raft++" / "seed1234" / "config.yaml").read_text()
+    assert "warmup_steps: 0" in arm_cfg and str(out / "warm_start" / "weights") in arm_cfg
+    table = (out / "table.md").read_text()
+    assert "| raft++ | 1 |" in table and "| gvm-raft++ | raft++ |" in table
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "table.json").read_text())["gvm_variants"][0]["variant"] == "gvm-raft++"
+
+    # same --out again: every run is reused, nothing retrains
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier: reusing") == 3
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["reused"] * 3
+    assert runs[1]["seed"] == 1234 and runs[1]["curve"]["samples_total"] == [0, 4, 8]
+
+    # ... but not with other settings: those runs would not be comparable
+    other = subprocess.run([*cmd, "optim.lr=0.5"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert other.returncode == 2
+    assert "optim.lr=0.5" in other.stderr and "different settings" in other.stderr
+
+
+def test_failed_arm_is_reported_not_dropped(tmp_path, monkeypatch, capsys):
+    """One arm's process fails: the others still count, results.json carries its log tail,
+    the speedup says why it is missing, and the command exits non-zero."""
+    from gvm_mega.convergence import bench
+    from gvm_mega.convergence.arms import ArmResult
+
+    def fake_run(name, config, run_dir, overrides, iterations, log_dir, **_):
+        if name.startswith("gvm-raft++"):
+            return ArmResult(name, run_dir, log_dir / f"{name}.log", "failed", returncode=1,
+                             log_tail="Traceback ...\nRuntimeError: out of memory")
+        acc = 0.2 if name == "warm_start" else 0.4
+        _write_metrics(run_dir, [(0, 0, 0.2)] + [(it, 10 * it, acc) for it in
+                                                  range(1, iterations + 1)])
+        return ArmResult(name, run_dir, log_dir / f"{name}.log", "done")
+
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    monkeypatch.setattr(bench, "export_weights", lambda run_dir, dest: dest)
+    parser = __import__("argparse").ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["train.iterations=3", "--out", str(tmp_path), "--seeds", "2",
+                              "--algorithms", "raft++,gvm-raft++", "train.eval_every=1"])
+    assert args.overrides == ["train.iterations=3", "train.eval_every=1"]
+    assert bench.main(args) == 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [f["name"] for f in results["failures"]] == ["gvm-raft++-seed1234",
+                                                        "gvm-raft++-seed1235"]
+    assert "RuntimeError: out of memory" in results["failures"][0]["log_tail"]
+    assert results["algorithms"]["raft++"]["seeds"] == 2
+    assert results["algorithms"]["gvm-raft++"]["seeds"] == 0
+    assert "no finished run of gvm-raft++" in results["speedups"]["gvm-raft++"]["note"]
+    assert "2 run(s) failed" in capsys.readouterr().out
