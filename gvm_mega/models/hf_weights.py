@@ -2,8 +2,10 @@
 
 Import: every rank reads, from the safetensors files (single file or sharded with an index),
 only the tensors its own parameters need and slices its tensor-parallel share. Export: shards
-are merged over the TP group, stages are gathered over the pipeline group, and global rank 0
-gets the full HF-named state dict (and writes it with config.json and tokenizer files).
+are merged over the TP group, later pipeline stages send theirs to global rank 0, which gets the
+HF-named tensors in buckets of bounded size (:func:`iter_mcore_to_hf_buckets`, what weight
+sync streams into rollout engines) or all at once (:func:`mcore_to_hf_state_dict`, written with
+config.json and tokenizer files by :func:`export_mcore_to_hf`).
 
 Layout facts used here (megatron local and transformer-engine specs):
 * ``linear_qkv`` rows are grouped per key/value head: for each group, its query heads, then
@@ -15,17 +17,20 @@ Layout facts used here (megatron local and transformer-engine specs):
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["HFCheckpointReader", "load_hf_into_mcore", "mcore_to_hf_state_dict",
-           "export_mcore_to_hf", "save_hf_state_dict", "hf_param_names"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "HFBucketPlan", "HFCheckpointReader", "HFUnit",
+           "export_mcore_to_hf", "hf_param_names", "iter_mcore_to_hf_buckets",
+           "load_hf_into_mcore", "mcore_to_hf_state_dict", "plan_hf_buckets",
+           "save_hf_state_dict"]
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -270,45 +275,164 @@ def _local_to_hf(gname: str, parts: list[torch.Tensor], s: _Shape) -> dict[str, 
 
 
 _REPLICATED = ("layernorm.weight", "final_layernorm.weight")
+# Default bucket of the streamed export: large enough that per-bucket overhead is noise, small
+# enough that the driver never holds more than a fraction of a multi-GB model at once.
+DEFAULT_BUCKET_BYTES = 512 * 1024 ** 2
+
+
+@dataclass(frozen=True)
+class HFUnit:
+    """One megatron parameter as the HF tensors it becomes (q/k/v and gate/up stay together)."""
+
+    gname: str                                   # layout-free megatron name
+    pp_rank: int                                 # pipeline stage that holds it
+    src_rank: int                                # global rank that sends it (tp 0, dp 0)
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]  # (HF name, shape)
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class HFBucketPlan:
+    """The same bucket split on every rank: which parameters travel together, in what order."""
+
+    bucket_bytes: int
+    dtype: torch.dtype
+    buckets: tuple[tuple[HFUnit, ...], ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(u.nbytes for b in self.buckets for u in b)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(u.tensors) for b in self.buckets for u in b)
+
+    def bucket_bytes_of(self, index: int) -> int:
+        return sum(u.nbytes for u in self.buckets[index])
+
+
+def _is_replicated(gname: str) -> bool:
+    rest = gname.split(".", 2)[-1] if gname.startswith("layers.") else gname
+    return rest.endswith(_REPLICATED)
+
+
+def _local_units(model: torch.nn.Module, s: _Shape) -> list[tuple[str, tuple]]:
+    """(layout-free name, HF (name, shape) pairs) for this rank's parameters, in model order.
+
+    Shapes come from running the merge on meta tensors, so no data moves for planning.
+    """
+    names = _local_to_global_names(model)
+    out = []
+    for name, param in model.named_parameters():
+        gname = names[name]
+        meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        parts = [meta] if _is_replicated(gname) else [meta] * s.tp
+        hf = _local_to_hf(gname, parts, s)
+        if hf:  # a tied output layer on the last stage has no HF tensor of its own
+            out.append((gname, tuple((k, tuple(v.shape)) for k, v in hf.items())))
+    return out
+
+
+def plan_hf_buckets(model: torch.nn.Module,
+                    bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> HFBucketPlan:
+    """Split the HF export into buckets of at most ``bucket_bytes`` (collective, every rank).
+
+    Parameters are packed greedily in model order (embedding, layers, final norm, head); one
+    whose HF tensors alone exceed the limit travels in a bucket of its own.
+    """
+    from megatron.core import parallel_state as ps
+
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+    model = _unwrap(model)
+    s = _Shape.of(model)
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    mine = None
+    if s.tp_rank == 0 and ps.get_data_parallel_rank() == 0:
+        mine = (pp_rank, dist.get_rank(), _local_units(model, s))
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    stages = sorted(x for x in everyone if x is not None)
+    if not stages or stages[0][1] != 0:
+        raise RuntimeError("weight export expects global rank 0 to be the first pipeline stage "
+                           "of data-parallel replica 0 at tensor-parallel rank 0")
+    itemsize = torch.empty((), dtype=s.dtype).element_size()
+    buckets: list[list[HFUnit]] = [[]]
+    size = 0
+    for stage, src, units in stages:
+        for gname, tensors in units:
+            nbytes = itemsize * sum(math.prod(shape) for _, shape in tensors)
+            if buckets[-1] and size + nbytes > bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(HFUnit(gname, stage, src, tensors, nbytes))
+            size += nbytes
+    return HFBucketPlan(bucket_bytes, s.dtype,
+                        tuple(tuple(b) for b in buckets if b))
+
+
+def _own_cpu_copy(t: torch.Tensor, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a CPU tensor with storage of its own (not the live parameter, not a view that
+    safetensors would refuse to save beside its siblings), copied only when needed."""
+    t = t.to(device="cpu", dtype=dtype)
+    if t._base is not None or t.untyped_storage().data_ptr() == param.untyped_storage().data_ptr():
+        t = t.clone()
+    return t
+
+
+def iter_mcore_to_hf_buckets(model: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                             *, plan: Optional[HFBucketPlan] = None
+                             ) -> Iterator[dict[str, torch.Tensor]]:
+    """Stream the HF-named weights to global rank 0, one bucket of CPU tensors at a time.
+
+    Collective: every rank of the world must iterate it to the end (other ranks get one empty
+    dict per bucket). A bucket is gathered only when asked for, so the driver holds one bucket,
+    not the model. TP shards are all-gathered in their TP group and merged on TP rank 0 of
+    data-parallel replica 0; later pipeline stages send their tensors to rank 0 point to point.
+    """
+    from megatron.core import parallel_state as ps
+
+    if plan is None:
+        plan = plan_hf_buckets(model, bucket_bytes)
+    model = _unwrap(model)
+    s = _Shape.of(model)
+    rank = dist.get_rank()
+    active = ps.get_data_parallel_rank() == 0
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    tp_group = ps.get_tensor_model_parallel_group()
+    names = _local_to_global_names(model)
+    params = {names[n]: p for n, p in model.named_parameters()}
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    for bucket in plan.buckets:
+        out: dict[str, torch.Tensor] = {}
+        for unit in bucket if active else ():
+            if unit.pp_rank == pp_rank:
+                param = params[unit.gname].detach()
+                parts = [param] if _is_replicated(unit.gname) else _gather_tp(param, s, tp_group)
+                if s.tp_rank != 0:
+                    continue
+                for hf_name, t in _local_to_hf(unit.gname, parts, s).items():
+                    if rank == 0:  # params_dtype is the checkpoint's dtype (norms may be fp32)
+                        out[hf_name] = _own_cpu_copy(t, param, s.dtype)
+                    else:
+                        dist.send(t.to(dtype=s.dtype).contiguous(), dst=0)
+            elif rank == 0:
+                for hf_name, shape in unit.tensors:
+                    buf = torch.empty(shape, dtype=s.dtype, device=device)
+                    dist.recv(buf, src=unit.src_rank)
+                    out[hf_name] = buf.cpu()
+        yield out if rank == 0 else {}
 
 
 def mcore_to_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full HF-named state dict (CPU tensors) on global rank 0; ``{}`` on other ranks.
 
     Collective: every rank of the world must call it. Only the first data-parallel replica
-    contributes; TP shards are all-gathered in the TP group, stages gathered over the pipeline
-    group to rank 0.
+    contributes (see :func:`iter_mcore_to_hf_buckets`, here with one bucket per model).
     """
-    from megatron.core import parallel_state as ps
-
-    model = _unwrap(model)
-    s = _Shape.of(model)
-    names = _local_to_global_names(model)
     out: dict[str, torch.Tensor] = {}
-    if ps.get_data_parallel_rank() == 0:
-        tp_group = ps.get_tensor_model_parallel_group()
-        for name, param in model.named_parameters():
-            gname = names[name]
-            rest = gname.split(".", 2)[-1] if gname.startswith("layers.") else gname
-            if rest.endswith(_REPLICATED):
-                parts = [param.detach()]
-            else:
-                parts = _gather_tp(param.detach(), s, tp_group)
-            if s.tp_rank == 0:
-                for hf_name, t in _local_to_hf(gname, parts, s).items():
-                    # params_dtype is the checkpoint's dtype (torch norms keep fp32 weights)
-                    out[hf_name] = t.to(device="cpu", dtype=s.dtype).clone()
-        if s.tp_rank == 0 and ps.get_pipeline_model_parallel_world_size() > 1:
-            pp_group = ps.get_pipeline_model_parallel_group()
-            gathered: Optional[list] = [None] * ps.get_pipeline_model_parallel_world_size() \
-                if dist.get_rank() == 0 else None
-            dist.gather_object(out, gathered, dst=0, group=pp_group)
-            out = {}
-            if gathered is not None:
-                for part in gathered:
-                    out.update(part)
-    if dist.get_rank() != 0:
-        return {}
+    for bucket in iter_mcore_to_hf_buckets(model, bucket_bytes=1 << 62):
+        out.update(bucket)
     return out
 
 

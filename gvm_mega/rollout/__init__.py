@@ -4,6 +4,8 @@
 - :class:`SGLangClient` / :class:`SGLangEngine`: SGLang servers or an sglang-router over HTTP.
 - :class:`RolloutServer`: SGLang's HTTP API over the embedded engine (``gvm-mega serve``).
 - :func:`save_hf_checkpoint`: write HF weights for servers to load after a policy step.
+- :func:`sync_weights`: after a policy step, stream the megatron weights (TP/PP shards) in HF
+  layout into the engine, bucket by bucket, and report the time it took (:class:`SyncReport`).
 
 Weights enter through ``update_weights(state_dict, version)`` with HF tensor names.
 """
@@ -18,11 +20,12 @@ from gvm_mega.rollout.server import RolloutServer
 from gvm_mega.rollout.text import load_text_codec
 from gvm_mega.rollout.types import (DEFAULT_WEIGHT_VERSION, RolloutEngine, RolloutRequest,
                                     Sample, SamplingParams)
+from gvm_mega.rollout.weight_sync import SyncReport, sync_weights
 
 __all__ = [
     "BadRequest", "DEFAULT_WEIGHT_VERSION", "DecoderConfig", "EmbeddedEngine", "RolloutEngine",
     "RolloutError", "RolloutRequest", "RolloutServer", "SGLangClient", "SGLangEngine", "Sample",
     "SamplingParams", "load_hf_state_dict", "load_text_codec", "parse_generate_body",
     "build_engine", "client_from_config", "sample_seed", "sample_to_json", "sampling_from_config",
-    "save_hf_checkpoint",
+    "save_hf_checkpoint", "SyncReport", "sync_weights",
 ]

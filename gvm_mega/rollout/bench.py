@@ -7,6 +7,9 @@
    the client's accounting, retries and parsing cost.
 3. Weight sync of the benchmark model: in memory into the embedded engine, and the disk
    path a server takes (write safetensors, then the load ``/update_weights_from_disk`` runs).
+4. ``--sync``: :func:`sync_weights` from a megatron policy model (TP1, one process) of realistic
+   CPU size, streamed in buckets into an embedded engine and, via disk, into a
+   ``gvm-mega serve`` subprocess.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import urllib.request
 
 import torch
 
-DESCRIPTION = "rollout: embedded-engine tokens/s (KV cache on/off) and SGLang-client overhead"
+DESCRIPTION = ("rollout: embedded-engine tokens/s (KV cache on/off), SGLang-client overhead, "
+               "weight-sync time (--sync)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="client benchmark repetitions (best kept)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--skip-client", action="store_true", help="only the engine benchmark")
+    p.add_argument("--sync", action="store_true",
+                   help="also time sync_weights from a megatron model (memory and disk)")
+    p.add_argument("--sync-hidden", type=int, default=640)
+    p.add_argument("--sync-layers", type=int, default=10)
+    p.add_argument("--sync-vocab", type=int, default=32000)
+    p.add_argument("--sync-bucket-mb", type=int, default=64, help="weight-sync bucket size")
     p.add_argument("--json", help="also write the results to this JSON file")
 
 
@@ -95,6 +105,47 @@ def bench_engine(args: argparse.Namespace) -> dict:
         engine.load_from_disk(path, "step-2")
         out["sync_load_s"] = time.perf_counter() - start
     return out
+
+
+def bench_megatron_sync(args: argparse.Namespace) -> dict:
+    """sync_weights at TP1 in this process: into an embedded engine, then through a server."""
+    from gvm_mega.config.schema import ModelConfig, ParallelConfig
+    from gvm_mega.models import build_gpt_model, export_mcore_to_hf, hf_config_from_model_config
+    from gvm_mega.parallel import init_distributed, shutdown
+    from gvm_mega.rollout import (EmbeddedEngine, SGLangClient, SGLangEngine, load_hf_state_dict,
+                                  sync_weights)
+
+    h = args.sync_hidden
+    cfg = ModelConfig(arch="qwen2", num_layers=args.sync_layers, hidden_size=h,
+                      ffn_hidden_size=h * 8 // 3 // 64 * 64, num_attention_heads=max(1, h // 64),
+                      num_query_groups=max(1, h // 128), vocab_size=args.sync_vocab,
+                      max_position_embeddings=1024)
+    bucket = args.sync_bucket_mb * 2 ** 20
+    init_distributed(ParallelConfig(tp=1, pp=1), seed=0)
+    try:
+        model = build_gpt_model(cfg)
+        params = sum(p.numel() for p in model.parameters())
+        hf_config = hf_config_from_model_config(cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            initial = export_mcore_to_hf(model, os.path.join(tmp, "initial"))
+            engine = EmbeddedEngine(hf_config, load_hf_state_dict(str(initial)))
+            memory = sync_weights(model, engine, "step-1", bucket_bytes=bucket)
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = subprocess.Popen([sys.executable, "-m", "gvm_mega", "serve", "--model",
+                                     str(initial), "--port", str(port), "--threads", "1"],
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                _wait(url + "/health", proc)
+                remote = SGLangEngine(SGLangClient([url]), hf_config, os.path.join(tmp, "w"))
+                disk = sync_weights(model, remote, "step-2", bucket_bytes=bucket)
+            finally:
+                proc.kill()
+                proc.wait()
+    finally:
+        shutdown()
+    return {"params": params, "memory": memory.as_metrics(""), "disk": disk.as_metrics("")}
 
 
 def _free_port() -> int:
@@ -185,6 +236,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"  client   : {c['client_ms_per_request']:.3f} ms/request")
         print(f"  bare     : {c['bare_aiohttp_ms_per_request']:.3f} ms/request")
         print(f"  overhead : {c['client_overhead_ms_per_request']:.3f} ms/request")
+
+    if args.sync:
+        m = results["sync"] = bench_megatron_sync(args)
+        mem, disk = m["memory"], m["disk"]
+        print(f"sync_weights from megatron (TP1, {m['params'] / 1e6:.1f}M params, "
+              f"{mem['bytes'] / 2 ** 20:.0f} MiB in {int(mem['buckets'])} bucket(s), limit "
+              f"{args.sync_bucket_mb} MiB, largest {mem['max_bucket_bytes'] / 2 ** 20:.0f} MiB):")
+        print(f"  in memory: {mem['total_s']:.3f} s (gather {mem['gather_s']:.3f} s, "
+              f"engine {mem['load_s']:.3f} s)")
+        print(f"  disk     : {disk['total_s']:.3f} s (gather {disk['gather_s']:.3f} s, write "
+              f"{disk['engine_write_s']:.3f} s, server load {disk['engine_load_s']:.3f} s)")
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
