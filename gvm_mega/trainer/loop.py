@@ -26,7 +26,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from gvm_mega.allocation import AllocationResult, diagnose, make_allocator, PromptStatsStore
+from gvm_mega.allocation import (AllocationResult, InfeasibleAllocationError, PromptStatsStore,
+                                 diagnose, make_allocator)
 from gvm_mega.trainer.batch import RankSamples, mini_batches, training_samples
 from gvm_mega.trainer.comm import from_driver
 from gvm_mega.trainer.sampling import Group, sample_and_score
@@ -42,17 +43,31 @@ class Stage1:
     grad_norms: np.ndarray
 
 
+PHASES = ("stage1", "grad_norm", "allocate", "stage2", "train", "sync")
+
+
 class PhaseTimer:
-    def __init__(self) -> None:
+    """Seconds per phase (``time_<phase>_s``), shown as a progress bar over the phases."""
+
+    def __init__(self, bar: Any = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.bar = bar
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
+        if self.bar is not None:
+            self.bar.set_description(phase)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[f"time_{phase}_s"] = time.perf_counter() - start
+            if self.bar is not None:
+                self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class Trainer:
@@ -69,9 +84,11 @@ class Trainer:
     def train(self) -> Path:
         """Run the remaining iterations; returns the run directory."""
         run, cfg = self.run, self.cfg
-        if self.start_iteration == 0:
+        if self.run.resumed is None:
+            start = time.perf_counter()
             record = {"iteration": 0, "samples_total": 0, "tokens_generated": 0,
-                      **self.evaluate()}
+                      **self.evaluate(), "time_eval_s": time.perf_counter() - start,
+                      "time_warm_start_s": run.warm_start_s}
             if run.is_driver:
                 run.log.log_iteration(record)
             self.save_checkpoint(0)
@@ -79,7 +96,8 @@ class Trainer:
         for iteration in range(self.start_iteration + 1, last + 1):
             record = self.iteration(iteration)
             if iteration == last or (cfg.train.eval_every and iteration % cfg.train.eval_every == 0):
-                record.update(self.evaluate())
+                start = time.perf_counter()
+                record.update(self.evaluate(), time_eval_s=time.perf_counter() - start)
             if run.is_driver:
                 run.log.log_iteration(record)
             if iteration == last or (cfg.checkpoint.save_every
@@ -90,7 +108,8 @@ class Trainer:
 
     def iteration(self, it: int) -> dict:
         """One GVM iteration; returns its metrics record (meaningful on the driver)."""
-        timer = PhaseTimer()
+        timer = PhaseTimer(self.run.log.progress(f"iteration {it}", total=len(PHASES),
+                                                 unit="phase") if self.run.is_driver else None)
         prompts = self.run.stream.next_batch(self.cfg.train.prompts_per_iteration) \
             if self.run.is_driver else []
         with timer("stage1"):
@@ -108,6 +127,7 @@ class Trainer:
             step = self.update_policy(train_groups)
         with timer("sync"):
             self.sync_weights(f"iter-{it}")
+        timer.close()
         return self.record(it, prompts, stage1, allocation, stage2, step, timer)
 
     # ------------------------------------------------------------------ phases
@@ -149,7 +169,22 @@ class Trainer:
                           np.where(np.array(accepted) > 0, stage1.grad_norms, np.nan))
         grad_norms, accept_rates = self.stats.estimates(ids)
         stage1.grad_norms, stage1.accept_rates = grad_norms, accept_rates
-        return self.allocator.allocate(m, self.allocator.budget(m), grad_norms, accept_rates)
+        budget, cap = self.allocator.budget(m), self.cfg.gvm.max_samples
+        try:
+            return self.allocator.allocate(m, budget, grad_norms, accept_rates)
+        except InfeasibleAllocationError:
+            if cap is None:
+                raise
+        # too few eligible prompts to spend the budget under max_samples: spend what fits
+        for eligible in range(min(m, budget // cap), -1, -1):
+            try:
+                result = self.allocator.allocate(m, cap * eligible, grad_norms, accept_rates)
+            except InfeasibleAllocationError:
+                continue
+            self.run.log.warning(f"budget {budget} exceeds gvm.max_samples={cap} x the eligible "
+                                 f"prompts; allocated {cap * eligible}")
+            return result
+        raise AssertionError("a zero budget is always feasible")
 
     def sample(self, prompts: list, counts, it: int, stage: str) -> list[Group]:
         """Verified samples (driver only; other ranks get an empty list)."""
@@ -172,9 +207,11 @@ class Trainer:
         if sum(len(s) for s in per_rank) == 0:
             return None
         mine: RankSamples = per_rank[run.layout.dp_rank]
+        # no more mini-batches than the smallest rank has samples (a step needs data)
+        count = max(1, min(algo.mini_batches, min(len(s) for s in per_rank)))
         reports = []
         for _ in range(algo.ppo_epochs):
-            for part in mini_batches(mine, algo.mini_batches):
+            for part in mini_batches(mine, count):
                 reports.append(run.policy_step(part))
         applied = [r for r in reports if not r.skipped]
         if len(applied) < len(reports) and run.is_driver:
@@ -203,11 +240,13 @@ class Trainer:
                timer: PhaseTimer) -> dict:
         if not self.run.is_driver:
             return {}
-        rewards = [r for g in stage2 for r in g.rewards]
+        drawn = merge_groups(stage1.groups, stage2) if stage1 is not None else stage2
+        # train reward: per prompt, the accepted fraction of all its responses this iteration
+        rates = [float(np.mean(g.rewards)) for g in drawn if g.rewards]
         samples = allocation.samples
         out = {"iteration": it, "samples_total": self.samples_total,
                "tokens_generated": self.tokens_generated,
-               "accept_rate_mean": float(np.mean(rewards)) if rewards else None,
+               "accept_rate_mean": float(np.mean(rates)) if rates else None,
                "alloc_min": int(samples.min()) if samples.size else None,
                "alloc_max": int(samples.max()) if samples.size else None,
                "lr": self.run.lr, **(step or {"loss": None, "kl": None, "entropy": None}),

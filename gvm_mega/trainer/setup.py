@@ -9,6 +9,7 @@ by the supervised warm start.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +38,7 @@ class RunSetup:
     loss_spec: Any
     estimator: Any
     resumed: Any = None
+    warm_start_s: float = 0.0  # seconds spent on the initial weights (the SFT warm start)
     # driver only
     log: Any = None
     stream: Any = None
@@ -124,26 +126,34 @@ def build_run(cfg: Any, run_dir: Optional[str] = None) -> RunSetup:
     _resolve_model(cfg)
     tokenizer = _tokenizer(cfg)
     template = build_template(cfg.data.template, tokenizer_dir=_tokenizer_dir(cfg))
+    # Fail before minutes of warm start: the data must load and the servers must answer.
+    data = _load_data(cfg, tokenizer, template) if driver else None
+    if driver and cfg.rollout.engine != "embedded":
+        _check_servers(cfg.rollout)
     path = Path(from_driver(str(resolve_run_dir(cfg, run_dir)) if driver else None))
     cfg.run.run_dir = str(path)
 
     checkpoints = CheckpointManager(path / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     policy = Policy.from_config(cfg, pad_id=tokenizer.pad_token_id or 0)
     resumed = checkpoints.load(policy) if cfg.checkpoint.resume else None
+    # the first thing written to the run directory: it marks the directory as a run's
+    log = RunLogger.start(cfg, path, resume_iteration=resumed.iteration if resumed else None) \
+        if driver else None
+    start = time.perf_counter()
     if resumed is None:
         _initial_weights(cfg, policy, tokenizer, template, layout, checkpoints,
-                         load_hf_into_mcore)
-    reference = _reference(cfg, policy, path, fresh=resumed is None)
-
+                         load_hf_into_mcore, log)
+    warm_start_s = time.perf_counter() - start
     setup = RunSetup(cfg=cfg, layout=layout, run_dir=path, tokenizer=tokenizer,
-                     template=template, policy=policy, reference=reference,
+                     template=template, policy=policy, reference=None,
                      checkpoints=checkpoints, loss_spec=LossSpec.from_config(cfg.algorithm),
-                     estimator=GradNormEstimator.from_config(policy.module, cfg),
-                     resumed=resumed)
+                     estimator=GradNormEstimator.from_config(policy.module, cfg)
+                     if cfg.algorithm.uses_gvm else None,
+                     resumed=resumed, log=log, warm_start_s=warm_start_s)
+    setup.reference = _reference(cfg, policy, path, fresh=resumed is None)
     state = mcore_to_hf_state_dict(policy.module)
     if driver:
-        setup.log = RunLogger.start(cfg, path, resume_iteration=resumed.iteration if resumed else None)
-        _driver_parts(setup, state)
+        _driver_parts(setup, state, *data)
     return setup
 
 
@@ -174,17 +184,34 @@ def _tokenizer(cfg: Any) -> Any:
 
 
 def _initial_weights(cfg: Any, policy: Any, tokenizer: Any, template: Any, layout: Any,
-                     checkpoints: Any, load_hf_into_mcore: Any) -> None:
+                     checkpoints: Any, load_hf_into_mcore: Any, log: Any) -> None:
     if cfg.checkpoint.load:
         checkpoints.load(policy, path=cfg.checkpoint.load, load_optimizer=False)
     elif cfg.model.hf_path:
         load_hf_into_mcore(policy.module, cfg.model.hf_path)
     elif cfg.train.warmup_steps > 0:
-        prompts = load_prompts(cfg.data.train_path, cfg.data).prompts
-        sft = warm_start(cfg, sft_pairs(prompts, template, tokenizer), dp_rank=layout.dp_rank,
-                         dp_size=layout.dp, seed=cfg.run.seed)
+        pairs = sft_pairs(load_prompts(cfg.data.train_path, cfg.data).prompts, template, tokenizer)
+        if not pairs:
+            raise SetupError(f"{cfg.data.train_path}: no worked solutions for the supervised "
+                             f"warm start (set train.warmup_steps=0, or give checkpoint.load "
+                             f"or model.hf_path)")
+        bar = log.progress("warm start", total=cfg.train.warmup_steps, unit="step") \
+            if log is not None else None
+        losses: list[float] = []
+
+        def on_step(step: int, loss: float) -> None:
+            losses.append(loss)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+        sft = warm_start(cfg, pairs, dp_rank=layout.dp_rank, dp_size=layout.dp,
+                         seed=cfg.run.seed, on_step=on_step)
         policy.module.load_state_dict(sft.module.state_dict())
         del sft
+        if bar is not None:
+            bar.close()
+            log.info(f"warm start: {cfg.train.warmup_steps} SFT steps, loss "
+                     f"{np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}")
 
 
 def _reference(cfg: Any, policy: Any, run_dir: Path, *, fresh: bool) -> Any:
@@ -206,20 +233,42 @@ def _reference(cfg: Any, policy: Any, run_dir: Path, *, fresh: bool) -> Any:
     return reference
 
 
-def _driver_parts(setup: RunSetup, hf_state: dict) -> None:
+def _load_data(cfg: Any, tokenizer: Any, template: Any) -> tuple[Any, list]:
+    """The training prompts and the eval sets (driver), or a SetupError naming the file."""
+    try:
+        train = load_prompts(cfg.data.train_path, cfg.data, tokenizer=tokenizer, template=template)
+        evals = [(spec, load_prompts(spec, cfg.data, tokenizer=tokenizer,
+                                     template=template).prompts)
+                 for spec in cfg.data.eval_paths]
+    except (DataError, OSError) as exc:
+        raise SetupError(str(exc)) from exc
+    return train, evals
+
+
+def _check_servers(rollout: Any, timeout_s: float = 3.0) -> None:
+    """Every rollout URL answers ``/health`` within a few seconds, or a SetupError."""
+    import asyncio
+
+    from gvm_mega.rollout import RolloutError, client_from_config
+
+    try:
+        client = client_from_config(rollout)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+    try:
+        asyncio.run(client.wait_ready(timeout_s=timeout_s))
+    except RolloutError as exc:
+        raise SetupError(f"rollout server unreachable: {exc} (start the server or fix "
+                         f"rollout.urls)") from None
+
+
+def _driver_parts(setup: RunSetup, hf_state: dict, train: Any, eval_sets: list) -> None:
     from gvm_mega.models import hf_config_from_model_config
     from gvm_mega.reward import RewardScorer
     from gvm_mega.rollout import build_engine, sampling_from_config
 
     cfg = setup.cfg
-    try:
-        train = load_prompts(cfg.data.train_path, cfg.data, tokenizer=setup.tokenizer,
-                             template=setup.template)
-        setup.eval_sets = [(spec, load_prompts(spec, cfg.data, tokenizer=setup.tokenizer,
-                                               template=setup.template).prompts)
-                           for spec in cfg.data.eval_paths]
-    except (DataError, OSError) as exc:
-        raise SetupError(str(exc)) from exc
+    setup.eval_sets = eval_sets
     setup.log.info(f"train prompts: {train.stats.summary()}")
     setup.stream = PromptStream(train.prompts, seed=cfg.run.seed)
     setup.scorer = RewardScorer.from_config(cfg.reward)

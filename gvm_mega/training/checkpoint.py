@@ -255,9 +255,10 @@ class CheckpointManager:
             state = dist_checkpointing.load(opt_sd, str(path / OPTIMIZER_DIR))
             policy.optimizer.load_state_dict(state)
             restored_optimizer = True
-        if policy.scheduler is not None and meta.get("scheduler"):
-            policy.scheduler.load_state_dict(meta["scheduler"])
-        policy.load_counters(meta.get("counters", {}))
+        if load_optimizer:  # else a fresh start from these weights: schedule from step 0
+            if policy.scheduler is not None and meta.get("scheduler"):
+                policy.scheduler.load_state_dict(meta["scheduler"])
+            policy.load_counters(meta.get("counters", {}))
         rng_file = path / RNG_DIR / f"rank{dist.get_rank():05d}.pt"
         same_layout = meta["layout"] == _layout()
         if same_layout and rng_file.is_file():
