@@ -126,9 +126,10 @@ class Trainer:
                 if stage1 is not None and self.cfg.gvm.reuse_stage1 else stage2
             step = self.update_policy(train_groups)
         with timer("sync"):
-            self.sync_weights(f"iter-{it}")
+            sync = self.sync_weights(f"iter-{it}")
         timer.close()
-        return self.record(it, prompts, stage1, allocation, stage2, step, timer)
+        record = self.record(it, prompts, stage1, allocation, stage2, step, timer)
+        return {**record, **sync} if record else record
 
     # ------------------------------------------------------------------ phases
     def presample(self, prompts: list, it: int) -> Stage1:
@@ -228,8 +229,9 @@ class Trainer:
                 "policy_grad_norm": float(np.mean([r.grad_norm for r in applied])) if applied else None,
                 "steps_skipped": len(reports) - len(applied), "dp_imbalance": imbalance}
 
-    def sync_weights(self, version: str) -> None:
-        self.run.sync_weights(version)
+    def sync_weights(self, version: str) -> dict:
+        """New weights to the rollout engine; returns the bytes moved."""
+        return self.run.sync_weights(version)
 
     def evaluate(self) -> dict:
         return self.run.evaluate()

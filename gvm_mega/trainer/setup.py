@@ -80,13 +80,14 @@ class RunSetup:
         ref = self.reference.logprobs(batch).as_lists() if self.reference is not None else None
         return self.policy.train_step(batch.with_values(old_logprobs=old, ref_logprobs=ref))
 
-    def sync_weights(self, version: str) -> None:
-        """Gather the policy into HF layout on the driver and load it into the engine."""
-        from gvm_mega.models import mcore_to_hf_state_dict
+    def sync_weights(self, version: str) -> dict:
+        """Stream the policy, in HF layout and in buckets, into the driver's engine (collective).
 
-        state = mcore_to_hf_state_dict(self.policy.module)
-        if self.is_driver:
-            self.engine.update_weights(state, version)
+        Returns the bytes moved; the phase timer records the seconds."""
+        from gvm_mega.rollout import sync_weights
+
+        report = sync_weights(self.policy.module, self.engine if self.is_driver else None, version)
+        return {"sync_bytes": report.bytes}
 
     def evaluate(self) -> dict:
         """Held-out metrics on the driver (``eval_accuracy``, ...); {} elsewhere."""
