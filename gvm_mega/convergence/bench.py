@@ -29,9 +29,8 @@ QUICK_ALGORITHMS = ("raft++", "gvm-raft++")
 # (warm start + 4 algorithms x 3 seeds); quick is a smoke test of the whole pipeline.
 # The default keeps the config's GVM settings (N', budget) and prompts per iteration.
 DEFAULT_SIZE = (
-    "train.iterations=30",
-    "train.eval_every=3",
-    "data.arithmetic_test_size=200",
+    "train.iterations=40",
+    "train.eval_every=4",
     "checkpoint.save_every=10",
 )
 QUICK_SIZE = (
