@@ -122,3 +122,55 @@ def mcore_worker(rank: int, world: int, port: int, queue) -> None:
         shutdown()
     except Exception:
         queue.put((rank, traceback.format_exc()))
+
+
+def mcore_pipeline_worker(rank: int, world: int, port: int, queue) -> None:
+    """Four ranks: reference norms at TP1/PP1, then the estimator at PP2 (with its DP split)
+    and TP2xPP2 on the same weights (copied in HF layout, as pipeline stages draw their
+    initial weights differently)."""
+    import os
+    import traceback
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        torch.set_num_threads(1)
+        from megatron.core import parallel_state as ps
+
+        from gvm_mega.config.schema import ParallelConfig
+        from gvm_mega.gradnorm import (GradNormEstimator, distributed_norms, make_batch,
+                                       reference_sq_norms)
+        from gvm_mega.models import load_hf_into_mcore, mcore_to_hf_state_dict
+        from gvm_mega.parallel import init_distributed, shutdown
+
+        batch = make_batch(*sample_sequences(7, 96, seed=2))
+        res: dict = {}
+        weights = {}
+        init_distributed(ParallelConfig(tp=1, pp=1, backend="gloo"))
+        for tied in (False, True):
+            model = _mcore_model(tied)
+            # on rank 0 only; fp32 in HF layout, exact: the fp64 model was initialised in fp32
+            holder = [mcore_to_hf_state_dict(model)]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            weights[tied] = holder[0]
+            for params in MCORE_PARAMS:
+                res[f"ref/{tied}/{params}"] = reference_sq_norms(model, batch, params).tolist()
+        for tp, pp in ((1, 2), (2, 2)):
+            init_distributed(ParallelConfig(tp=tp, pp=pp, backend="gloo"))
+            for tied in (False, True):
+                model = _mcore_model(tied)
+                load_hf_into_mcore(model, weights[tied])
+                for params in MCORE_PARAMS:
+                    # a micro-batch budget that makes several windows of two micro-batches
+                    est = GradNormEstimator(model, params, max_tokens=40)
+                    res[f"tp{tp}pp{pp}/{tied}/{params}"] = est.sq_norms(batch).tolist()
+                    if tp == 1:
+                        res[f"tp1pp2dp2/{tied}/{params}"] = distributed_norms(
+                            est, batch, dp_group=ps.get_data_parallel_group()).pow(2).tolist()
+                assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+        queue.put((rank, res))
+        shutdown()
+    except Exception:
+        queue.put((rank, traceback.format_exc()))

@@ -120,6 +120,35 @@ def test_megatron_gpt_tp2_equals_tp1_equals_reference_and_dp_split():
 
 
 @pytest.mark.slow
+def test_megatron_gpt_pipeline_stages_equal_reference():
+    """PP2 and TP2xPP2 (4 ranks), tied and untied, every parameter set, and the DP split
+    under PP2: the same norms as one process computing one response at a time."""
+    import multiprocessing as mp
+
+    from gvm_mega.parallel import find_free_port
+    from _gradnorm_helpers import MCORE_PARAMS, mcore_pipeline_worker
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = find_free_port()
+    procs = [ctx.Process(target=mcore_pipeline_worker, args=(r, 4, port, queue)) for r in range(4)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    for rank, res in results.items():
+        assert isinstance(res, dict), f"rank {rank} failed:\n{res}"
+        for tied in (False, True):
+            for params in MCORE_PARAMS:
+                ref = torch.tensor(res[f"ref/{tied}/{params}"])
+                assert (ref > 0).all()
+                for kind in ("tp1pp2", "tp2pp2", "tp1pp2dp2"):
+                    got = torch.tensor(res[f"{kind}/{tied}/{params}"])
+                    assert rel_err(got, ref) <= TOL, (rank, kind, tied, params)
+
+
+@pytest.mark.slow
 def test_bench_gradnorm_json_reports_equal_results():
     import json
     import os

@@ -6,6 +6,11 @@ of the summed response log-probs. Sequences do not interact in a decoder, so the
 output gradients of the batched pass are exactly those of one-sequence-at-a-time passes, and
 the kernels turn them into per-sequence squared norms without per-sequence gradients.
 Parameter gradients (``.grad``) are neither computed nor touched.
+
+Under tensor parallelism the vocabulary and weight shards give partial sums reduced over the
+TP group; under pipeline parallelism each stage runs its slice of the pass (hidden states
+and their gradients travel point to point, see :mod:`gvm_mega.gradnorm.pipeline`) and the
+stages' partial norms are summed over the pipeline group.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import kernels
 from kernels._dist import all_reduce_
 from gvm_mega.gradnorm.batch import SequenceBatch, micro_batches
 from gvm_mega.gradnorm.layers import PARAM_SETS, LayerInfo, ModelLayers, find_layers, unwrap
+from gvm_mega.gradnorm.pipeline import StageLinks
 
 ForwardFn = Callable[[nn.Module, SequenceBatch], torch.Tensor]
 
@@ -35,15 +41,13 @@ def default_forward(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     return out
 
 
-def _megatron_groups() -> tuple[Optional[Any], int]:
-    """(tensor-parallel group, pipeline size) from megatron's parallel state, if initialised."""
+def _tensor_parallel_group() -> Optional[Any]:
+    """Megatron's tensor-parallel group, if its parallel state is initialised."""
     try:
         from megatron.core import parallel_state as ps
     except Exception:
-        return None, 1
-    if not ps.model_parallel_is_initialized():
-        return None, 1
-    return ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_world_size()
+        return None
+    return ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
 
 
 class _Capture:
@@ -134,21 +138,22 @@ class GradNormEstimator:
         self.max_tokens = max_tokens
         self.vocab_chunk = vocab_chunk
         self.linear_method = linear_method
-        mega_tp, pp = _megatron_groups() if self.layers.megatron else (None, 1)
-        if pp > 1:
-            raise NotImplementedError("the gradient-norm estimator runs on the whole model: "
-                                      "pipeline parallel size must be 1 for this pass")
-        self.tp_group = tp_group if tp_group is not None else mega_tp
+        self.stage = StageLinks.from_megatron() if self.layers.megatron else StageLinks()
+        self.tp_group = tp_group if tp_group is not None else (
+            _tensor_parallel_group() if self.layers.megatron else None)
+        # the table is shared even where a pipeline stage holds only one of its two uses
+        self.tied = self.layers.tied or bool(
+            self.layers.megatron and getattr(unwrap(model), "share_embeddings_and_output_weights",
+                                             False))
         self._check_layers()
 
     def _check_layers(self) -> None:
-        L = self.layers
-        needs_output = self.params == "lm_head" or L.tied
-        if self.params == "embedding" and L.embedding is None:
+        L, st = self.layers, self.stage
+        if self.params == "embedding" and st.first and L.embedding is None:
             raise ValueError("gvm.grad_norm_params=embedding but the model has no word embedding")
-        if needs_output and L.output is None:
+        if (self.params == "lm_head" or self.tied) and st.last and L.output is None:
             raise ValueError("the model has no output layer named output_layer or lm_head")
-        if self.params == "linear" and not L.linears:
+        if self.params == "linear" and st.single and not L.linears:
             raise ValueError("gvm.grad_norm_params=linear but the model has no linear layers")
         if L.tied and (L.embedding.vocab_start != L.output.vocab_start):
             raise ValueError("tied embedding and output layer shard the vocabulary differently")
@@ -162,103 +167,198 @@ class GradNormEstimator:
 
     # ----------------------------------------------------------------- public
     def sq_norms(self, batch: SequenceBatch) -> torch.Tensor:
-        """Squared per-response norms, ``(B,)`` float64 on the CPU, in batch order."""
+        """Squared per-response norms, ``(B,)`` float64 on the CPU, in batch order.
+
+        Under pipeline parallelism every stage of the pipeline must call this with the same
+        batch; micro-batches go through the stages a window of ``pp`` at a time (all forward,
+        then all backward), and every stage returns the full result.
+        """
         out = torch.zeros(batch.size, dtype=torch.float64)
         inner = unwrap(self.model)
         was_training = inner.training
         inner.eval()
+        device = next(inner.parameters()).device
+        groups = micro_batches(batch.lengths, self.max_tokens)
         try:
-            device = next(inner.parameters()).device
-            for rows in micro_batches(batch.lengths, self.max_tokens):
-                mb = batch.select(rows).to(device)
-                out[torch.as_tensor(rows)] = self._micro_batch(mb).detach().double().cpu()
+            for start in range(0, len(groups), self.stage.size):
+                window = groups[start:start + self.stage.size]
+                parts = self._window([batch.select(rows).to(device) for rows in window])
+                for rows, part in zip(window, parts):
+                    out[torch.as_tensor(rows)] = part.detach().double().cpu()
         finally:
+            if not self.stage.first:
+                inner.set_input_tensor(None)
             inner.train(was_training)
-        return out
+        return self.stage.sum_over_stages(out, device)
 
     def norms(self, batch: SequenceBatch) -> torch.Tensor:
         """Per-response gradient norms ``||d log pi(y|x) / d theta||``, ``(B,)`` float64."""
         return self.sq_norms(batch).clamp_min(0).sqrt()
 
     # ----------------------------------------------------------------- internals
+    @property
+    def _forward_only(self) -> bool:
+        """The untied output layer's gradient is analytic in the logits: no backward pass."""
+        return self.params == "lm_head" and not self.tied
+
+    @property
+    def _uses_embedding(self) -> bool:
+        return self.params == "embedding" or (self.params == "lm_head" and self.tied)
+
+    @property
+    def _uses_output(self) -> bool:
+        return self.params == "lm_head" or (self.params == "embedding" and self.tied)
+
     def _watched(self) -> list[LayerInfo]:
+        """This stage's layers whose activations (and output gradients) the norms need."""
         L = self.layers
         if self.params == "linear":
             return list(L.linears)
-        watched = [L.embedding] if (self.params == "embedding" or L.tied) else []
-        if self.params == "lm_head" or L.tied:
+        watched = [L.embedding] if self._uses_embedding and L.embedding is not None else []
+        if self._uses_output and L.output is not None:
             watched.append(L.output)
         return watched
 
-    def _micro_batch(self, mb: SequenceBatch) -> torch.Tensor:
-        L = self.layers
-        group = self.tp_group
-        forward_only = self.params == "lm_head" and not L.tied  # D is analytic: no backward
-        cut = None if forward_only else L.embedding  # the backward stops at the embedding output
+    def _window(self, mbs: list[SequenceBatch]) -> list[torch.Tensor]:
+        """This stage's partial squared norms of each micro-batch."""
+        passes = [self._forward(mb) for mb in mbs]
+        totals = [p.head_norms() if self.stage.last else p.zeros() for p in passes]
+        if self._forward_only:
+            return totals
+        for p, total in zip(passes, totals):
+            total += self._backward(p)
+        if self.tied and self._uses_embedding:
+            self._tied_cross_terms(passes, totals)
+        return totals
+
+    def _forward(self, mb: SequenceBatch) -> "_StagePass":
+        L, st = self.layers, self.stage
+        backward = not self._forward_only
+        inner = unwrap(self.model)
+        inp = None
+        if not st.first:
+            B, T = mb.input_ids.shape
+            param = next(inner.parameters())
+            inp = st.recv_forward((T, B, inner.config.hidden_size), param.dtype, param.device)
+            inp.requires_grad_(backward)
+            inner.set_input_tensor(inp)
+        # the backward stops at the embedding output (first stage) or at the received hidden
+        # states (later stages), so no parameter needs to require grad
+        cut = L.embedding if (backward and st.first) else None
         cap = _Capture(self._watched(), cut)
         try:
-            with torch.set_grad_enabled(not forward_only), _NoParamGrads(self.model, cut is not None):
-                logits = self.forward_fn(self.model, mb)
+            with torch.set_grad_enabled(backward), \
+                    _NoParamGrads(self.model, backward and (cut is not None or inp is not None)):
+                out = self.forward_fn(self.model, mb)
         finally:
             cap.remove()
-        B, T = mb.input_ids.shape
-        if logits.dim() != 3 or tuple(logits.shape[:2]) != (B, T):
-            raise ValueError(f"forward_fn must return logits of shape ({B}, {T}, vocab), "
-                             f"got {tuple(logits.shape)}")
-        vocab_start = L.output.vocab_start if L.output is not None else 0
-        out_group = group if (L.output is not None and L.output.weight_sharded) else None
-        if L.output is not None and L.output.vocab_end is not None and \
-                logits.shape[-1] != L.output.vocab_end - L.output.vocab_start:
-            vocab_start, out_group = 0, None  # logits gathered over the vocabulary already
-        detached = logits.detach()
-        lse = kernels.vocab_parallel_logsumexp(detached, group=out_group, chunk_size=self.vocab_chunk)
-        total = torch.zeros(B, dtype=kernels.reference.compute_dtype(detached), device=detached.device)
+        if not st.last:
+            st.send_forward(out)
+        return _StagePass(self, mb, out, inp, cap.seen)
 
-        table = self.params != "linear"  # embedding / lm_head; both when tied
-        use_embedding = table and (self.params == "embedding" or L.tied)
-        use_output = table and (self.params == "lm_head" or L.tied)
-        hidden = None
-        if use_output:
-            hidden = _batch_first(cap.seen[L.output.name][0], L.output).detach()
-            total += kernels.lm_head_sq_norms(hidden, mb.targets, mb.loss_mask, logits=detached,
-                                              lse=lse, vocab_start=vocab_start, group=out_group,
-                                              chunk_size=self.vocab_chunk, backend=self.backend)
-        if self.params == "lm_head" and not L.tied:
-            return total
-
-        watched = [L.embedding] if use_embedding else list(L.linears)
-        outputs = [cap.seen[info.name][1] for info in watched]
+    def _backward(self, p: "_StagePass") -> torch.Tensor:
+        """Gradients from this stage's output back to its input; this stage's layer norms."""
+        L, st = self.layers, self.stage
+        grad_out = p.seed if st.last else st.recv_backward(p.out)
+        watched = [L.embedding] if (self._uses_embedding and st.first) else \
+            (list(L.linears) if self.params == "linear" else [])
+        outputs = [p.seen[info.name][1] for info in watched]
         for info, o in zip(watched, outputs):
             if not o.requires_grad:
                 raise RuntimeError(f"output of {info.name!r} does not require grad: the model "
                                    "needs a word embedding or parameters that require grad")
-        seed = kernels.logprob_grad_of_logits(detached, mb.targets, mb.loss_mask, lse=lse,
-                                              vocab_start=vocab_start, group=out_group)
-        grads = torch.autograd.grad(logits, outputs, grad_outputs=seed)
-
-        if use_embedding:
-            info = L.embedding
-            ids = cap.seen[info.name][0]
-            g = grads[0].detach()
-            emb_group = group if info.weight_sharded else None
-            total += kernels.embedding_sq_norms(ids, g, mb.token_mask, vocab_start=info.vocab_start,
-                                                vocab_end=info.vocab_end, group=emb_group,
-                                                backend=self.backend)
-            if L.tied:
-                total += kernels.tied_cross_term(hidden, mb.targets, mb.loss_mask, ids, g,
-                                                 logits=detached, lse=lse, token_mask=mb.token_mask,
-                                                 vocab_start=vocab_start, group=out_group,
-                                                 chunk_size=self.vocab_chunk, backend=self.backend)
+        wrt = outputs + ([p.inp] if p.inp is not None else [])
+        total = p.zeros()
+        if not wrt:
             return total
-
+        grads = torch.autograd.grad(p.out, wrt, grad_outputs=grad_out)
+        if p.inp is not None:
+            st.send_backward(grads[-1])
+        if self._uses_embedding and st.first:
+            info = L.embedding
+            p.emb_grad = grads[0].detach()
+            total += kernels.embedding_sq_norms(
+                p.seen[info.name][0], p.emb_grad, p.mb.token_mask, vocab_start=info.vocab_start,
+                vocab_end=info.vocab_end, group=self.tp_group if info.weight_sharded else None,
+                backend=self.backend)
+            return total
         sharded = torch.zeros_like(total)
         for info, g in zip(watched, grads):
-            a = _batch_first(cap.seen[info.name][0], info).detach()
+            a = _batch_first(p.seen[info.name][0], info).detach()
             g = _batch_first(g, info).detach()
-            w_sq, b_sq = kernels.linear_sq_norms(a, g, mb.token_mask, method=self.linear_method,
+            w_sq, b_sq = kernels.linear_sq_norms(a, g, p.mb.token_mask, method=self.linear_method,
                                                  backend=self.backend)
             (sharded if info.weight_sharded else total).add_(w_sq.to(total.dtype))
             if getattr(info.module, "bias", None) is not None:
                 (sharded if info.bias_sharded else total).add_(b_sq.to(total.dtype))
-        all_reduce_(sharded, group, "sum")
+        all_reduce_(sharded, self.tp_group, "sum")
         return total + sharded
+
+    def _tied_cross_terms(self, passes: list["_StagePass"], totals: list[torch.Tensor]) -> None:
+        """``2 <E_b, O_b>`` on the last stage, from the first stage's embedding gradients."""
+        st = self.stage
+        if st.first and not st.last:
+            for p in passes:
+                st.send_to_last(p.emb_grad)
+            return
+        if not st.last:
+            return
+        L = self.layers
+        for p, total in zip(passes, totals):
+            if st.first:
+                g = p.emb_grad
+            else:
+                B, T = p.mb.input_ids.shape
+                g = st.recv_from_first((B, T, p.hidden.shape[-1]), p.hidden.dtype, p.hidden.device)
+            total += kernels.tied_cross_term(
+                p.hidden, p.mb.targets, p.mb.loss_mask, p.mb.input_ids, g, logits=p.logits,
+                lse=p.lse, token_mask=p.mb.token_mask, vocab_start=p.vocab_start,
+                group=p.out_group, chunk_size=self.vocab_chunk, backend=self.backend).to(total.dtype)
+
+
+class _StagePass:
+    """One micro-batch's forward through this stage: what the norms and the backward need."""
+
+    def __init__(self, est: GradNormEstimator, mb: SequenceBatch, out: torch.Tensor,
+                 inp: Optional[torch.Tensor], seen: dict):
+        self.est, self.mb, self.out, self.inp, self.seen = est, mb, out, inp, seen
+        self.seed: Optional[torch.Tensor] = None
+        self.emb_grad: Optional[torch.Tensor] = None
+        self.hidden: Optional[torch.Tensor] = None
+        self.logits: Optional[torch.Tensor] = None
+        self.lse: Optional[torch.Tensor] = None
+        self.vocab_start, self.out_group = 0, None
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.mb.input_ids.shape[0], device=self.out.device,
+                           dtype=kernels.reference.compute_dtype(self.out))
+
+    def head_norms(self) -> torch.Tensor:
+        """Last stage: the output layer's norms from the logits, and the backward seed."""
+        est, mb = self.est, self.mb
+        L = est.layers
+        B, T = mb.input_ids.shape
+        logits = self.out
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (B, T):
+            raise ValueError(f"forward_fn must return logits of shape ({B}, {T}, vocab), "
+                             f"got {tuple(logits.shape)}")
+        self.vocab_start = L.output.vocab_start if L.output is not None else 0
+        self.out_group = est.tp_group if (L.output is not None and L.output.weight_sharded) else None
+        if L.output is not None and L.output.vocab_end is not None and \
+                logits.shape[-1] != L.output.vocab_end - L.output.vocab_start:
+            self.vocab_start, self.out_group = 0, None  # logits gathered over the vocabulary
+        self.logits = logits.detach()
+        self.lse = kernels.vocab_parallel_logsumexp(self.logits, group=self.out_group,
+                                                    chunk_size=est.vocab_chunk)
+        total = self.zeros()
+        if est._uses_output:
+            self.hidden = _batch_first(self.seen[L.output.name][0], L.output).detach()
+            total += kernels.lm_head_sq_norms(
+                self.hidden, mb.targets, mb.loss_mask, logits=self.logits, lse=self.lse,
+                vocab_start=self.vocab_start, group=self.out_group, chunk_size=est.vocab_chunk,
+                backend=est.backend).to(total.dtype)
+        if not est._forward_only:
+            self.seed = kernels.logprob_grad_of_logits(self.logits, mb.targets, mb.loss_mask,
+                                                       lse=self.lse, vocab_start=self.vocab_start,
+                                                       group=self.out_group)
+        return total

@@ -118,10 +118,6 @@ def build_run(cfg: Any, run_dir: Optional[str] = None) -> RunSetup:
     from gvm_mega.runlog import RunLogger, resolve_run_dir
     from gvm_mega.training import CheckpointManager, LossSpec, Policy
 
-    if cfg.algorithm.uses_gvm and cfg.parallel.pp > 1:
-        raise SetupError("parallel.pp > 1 is not supported with GVM algorithms yet: the "
-                         "gradient-norm estimator needs the whole model on one pipeline stage; "
-                         "use parallel.tp/dp, or a uniform algorithm (raft, raft++, grpo)")
     layout = init_distributed(cfg.parallel, seed=cfg.run.seed)
     driver = layout.is_driver
     _resolve_model(cfg)
