@@ -120,6 +120,30 @@ def test_pp2_dp2_first_iteration_equals_one_process(tiny, gvm_run):
     assert metrics(run_dir)[0]["eval_accuracy"] == metrics(gvm_run)[0]["eval_accuracy"]
 
 
+def test_own_warm_start_first_iteration_equals_one_process(tmp_path):
+    """No shared checkpoint: each run trains its own warm start (in a one-process child), and
+    TP2xDP2 still draws exactly the one-process samples in its first iteration. (With the
+    warm start trained under each layout, 300 steps are enough to change the samples.)"""
+    config = write_config(tmp_path)
+    common = ["train.warmup_steps=300", "train.warmup_lr=5e-3", "train.warmup_batch_size=16",
+              "train.iterations=1"]
+    one = tmp_path / "one"
+    done = run_subprocess(config, one, common)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    four = tmp_path / "four"
+    run_world(config, four, common + ["parallel.tp=2", "parallel.dp=2"])
+    for run in (one, four):
+        assert (run / "warm_start" / "COMPLETE").is_file()
+        assert "warm start: 300 SFT steps in one process" in (run / "train.log").read_text()
+    ref_row, ref_alloc = _first_iteration(one)
+    row, alloc = _first_iteration(four)
+    assert alloc["samples"] == ref_alloc["samples"]
+    assert alloc["accept_rate"] == ref_alloc["accept_rate"]
+    assert row["tokens_generated"] == ref_row["tokens_generated"]
+    assert row["loss"] == pytest.approx(ref_row["loss"], abs=1e-5)
+    assert metrics(four)[0]["eval_accuracy"] == metrics(one)[0]["eval_accuracy"]
+
+
 def test_kill_and_resume_equals_uninterrupted(tiny, gvm_run):
     root, config, warm = tiny
     overrides = [f"checkpoint.load={warm}", "train.iterations=3"]

@@ -18,7 +18,8 @@ import numpy as np
 from gvm_mega.data import DataError, PromptStream, build_template, load_prompts
 from gvm_mega.trainer.batch import RankSamples
 from gvm_mega.trainer.comm import from_driver
-from gvm_mega.trainer.warm_start import sft_pairs, warm_start
+from gvm_mega.trainer.warm_start import (run_warm_start_process, sft_pairs, warm_start_dir,
+                                         warm_start_ready)
 
 
 class SetupError(ValueError):
@@ -138,8 +139,7 @@ def build_run(cfg: Any, run_dir: Optional[str] = None) -> RunSetup:
         if driver else None
     start = time.perf_counter()
     if resumed is None:
-        _initial_weights(cfg, policy, tokenizer, template, layout, checkpoints,
-                         load_hf_into_mcore, log)
+        _initial_weights(cfg, policy, tokenizer, template, checkpoints, load_hf_into_mcore, log)
     warm_start_s = time.perf_counter() - start
     setup = RunSetup(cfg=cfg, layout=layout, run_dir=path, tokenizer=tokenizer,
                      template=template, policy=policy, reference=None,
@@ -180,35 +180,58 @@ def _tokenizer(cfg: Any) -> Any:
     return tokenizer
 
 
-def _initial_weights(cfg: Any, policy: Any, tokenizer: Any, template: Any, layout: Any,
+def _initial_weights(cfg: Any, policy: Any, tokenizer: Any, template: Any,
                      checkpoints: Any, load_hf_into_mcore: Any, log: Any) -> None:
     if cfg.checkpoint.load:
         checkpoints.load(policy, path=cfg.checkpoint.load, load_optimizer=False)
     elif cfg.model.hf_path:
         load_hf_into_mcore(policy.module, cfg.model.hf_path)
     elif cfg.train.warmup_steps > 0:
-        pairs = sft_pairs(load_prompts(cfg.data.train_path, cfg.data).prompts, template, tokenizer)
-        if not pairs:
-            raise SetupError(f"{cfg.data.train_path}: no worked solutions for the supervised "
-                             f"warm start (set train.warmup_steps=0, or give checkpoint.load "
-                             f"or model.hf_path)")
-        bar = log.progress("warm start", total=cfg.train.warmup_steps, unit="step") \
-            if log is not None else None
-        losses: list[float] = []
+        _warm_start(cfg, policy, tokenizer, template, log)
 
-        def on_step(step: int, loss: float) -> None:
-            losses.append(loss)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-        sft = warm_start(cfg, pairs, dp_rank=layout.dp_rank, dp_size=layout.dp,
-                         seed=cfg.run.seed, on_step=on_step)
-        policy.module.load_state_dict(sft.module.state_dict())
-        del sft
+
+def _warm_start(cfg: Any, policy: Any, tokenizer: Any, template: Any, log: Any) -> None:
+    """The driver trains the warm start in a one-process child (the same weights whatever
+    this run's layout), or finds it done by an earlier attempt; every rank loads it."""
+    from gvm_mega.models import load_mcore_checkpoint
+
+    run_dir = Path(cfg.run.run_dir)
+    error: Optional[str] = None
+    if log is not None:
+        if warm_start_ready(run_dir):
+            log.info(f"warm start: reusing {warm_start_dir(run_dir)}")
+        else:
+            error = _train_warm_start(cfg, run_dir, tokenizer, template, log)
+    error = from_driver(error)
+    if error is not None:
+        raise SetupError(error)
+    load_mcore_checkpoint(policy.module, warm_start_dir(run_dir))
+
+
+def _train_warm_start(cfg: Any, run_dir: Path, tokenizer: Any, template: Any,
+                      log: Any) -> Optional[str]:
+    """Run the warm-start child; an error message instead of an exception (for every rank)."""
+    if not sft_pairs(load_prompts(cfg.data.train_path, cfg.data).prompts, template, tokenizer):
+        return (f"{cfg.data.train_path}: no worked solutions for the supervised warm start "
+                f"(set train.warmup_steps=0, or give checkpoint.load or model.hf_path)")
+    bar = log.progress("warm start", total=cfg.train.warmup_steps, unit="step")
+    losses: list[float] = []
+
+    def on_step(step: int, loss: float) -> None:
+        losses.append(loss)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+    try:
+        run_warm_start_process(run_dir / "config.yaml", run_dir, on_step=on_step)
+    except RuntimeError as exc:
+        return str(exc)
+    finally:
         if bar is not None:
             bar.close()
-            log.info(f"warm start: {cfg.train.warmup_steps} SFT steps, loss "
-                     f"{np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}")
+    log.info(f"warm start: {cfg.train.warmup_steps} SFT steps in one process, loss "
+             f"{np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}")
+    return None
 
 
 def _reference(cfg: Any, policy: Any, run_dir: Path, *, fresh: bool) -> Any:
