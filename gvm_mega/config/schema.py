@@ -102,6 +102,18 @@ class RolloutConfig:
     weights_dir: Optional[str] = option(None, help="directory servers can read, where weights "
                                                    "are written each step; default run_dir/weights")
     check_weight_version: bool = option(True, help="fail when a reply's weight_version is stale")
+    weight_sync: Literal["disk", "distributed"] = option(
+        "disk", help="sglang engine: weights to servers as safetensors in weights_dir "
+                     "(/update_weights_from_disk), or broadcast bucket by bucket from the driver "
+                     "through a process group the servers join (/update_weights_from_distributed)")
+    weight_sync_backend: Literal["auto", "gloo", "nccl"] = option(
+        "auto", help="distributed weight sync: process-group backend (auto: nccl with CUDA, "
+                     "else gloo)")
+    weight_sync_master_address: Optional[str] = option(
+        None, help="distributed weight sync: the driver's address as servers reach it "
+                   "(default: loopback for local servers, else the route to the first server)")
+    weight_sync_timeout_s: float = option(
+        300.0, gt=0, help="distributed weight sync: limit on joining the group and on each bucket")
     max_batch_size: int = option(64, ge=1, help="embedded engine: samples decoded together")
 
 

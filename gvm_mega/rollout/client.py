@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -256,52 +257,79 @@ class SGLangClient:
     async def init_weights_update_group(self, master_address: str, master_port: int,
                                         world_size: int, rank_offsets: Sequence[int], *,
                                         group_name: str = "weight_update_group",
-                                        backend: str = "nccl") -> None:
-        """Ask every worker to join the trainer's NCCL group (trainer is rank 0).
+                                        backend: str = "nccl", timeout_s: Optional[float] = None,
+                                        join: Optional[Callable[[], Any]] = None) -> Any:
+        """Ask every worker to join the trainer's update group (trainer is rank 0).
 
-        ``rank_offsets[k]`` is the first rank of worker k (1 + the GPUs of the workers before
-        it). The trainer must join the same group at the same time (untested without GPUs).
+        ``rank_offsets[k]`` is the first rank of worker k (1 + the ranks of the workers before
+        it). The workers answer only once every rank is in, so the trainer joins at the same
+        time: ``join()`` runs in a thread meanwhile and its result is returned. A worker that
+        fails or does not answer within ``timeout_s`` raises :class:`RolloutError` with its URL.
         """
         if len(rank_offsets) != len(self.worker_urls):
             raise ValueError(f"{len(rank_offsets)} rank offsets for {len(self.worker_urls)} workers")
+        timeout = timeout_s or self.request_timeout_s
         async with aiohttp.ClientSession() as session:
-            await asyncio.gather(*(self._control(session, url, "/init_weights_update_group", {
+            posts = {url: self._control(session, url, "/init_weights_update_group", {
                 "master_address": master_address, "master_port": master_port,
                 "rank_offset": off, "world_size": world_size, "group_name": group_name,
-                "backend": backend}) for url, off in zip(self.worker_urls, rank_offsets)))
+                "backend": backend}, timeout_s=timeout)
+                for url, off in zip(self.worker_urls, rank_offsets)}
+            return await _beside(posts, join, timeout, "joining the weight update group")
+
+    async def destroy_weights_update_group(self, group_name: str = "weight_update_group", *,
+                                           timeout_s: Optional[float] = None) -> None:
+        """Ask every worker to leave the update group ``group_name``."""
+        timeout = timeout_s or self.request_timeout_s
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(self._control(session, url, "/destroy_weights_update_group",
+                                                 {"group_name": group_name}, timeout_s=timeout)
+                                   for url in self.worker_urls))
 
     async def update_weights_from_distributed(
             self, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
-            version: str, broadcast: Callable[[], Any], *,
-            group_name: str = "weight_update_group") -> dict[str, float]:
+            version: Optional[str], broadcast: Optional[Callable[[], Any]], *,
+            group_name: str = "weight_update_group", timeout_s: Optional[float] = None,
+            flush_cache: bool = True) -> dict[str, float]:
         """Announce one bucket of tensors to every worker while ``broadcast()`` sends them.
 
-        ``broadcast`` runs in a thread and must ``torch.distributed.broadcast`` each tensor
-        from rank 0 of the update group, in ``names`` order (untested without GPUs).
+        ``broadcast`` runs in a thread and must broadcast each tensor from rank 0 of the update
+        group, in ``names`` order. With ``version`` the workers take that weight version (and
+        later replies must carry it); ``None`` leaves it as is (a bucket before the last).
+        A :class:`RolloutError` has ``collective_done`` set when the broadcast itself finished
+        (a worker refused the tensors afterwards, the group is still in step).
         """
         start = time.perf_counter()
-        body = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
-                "group_name": group_name, "weight_version": str(version)}
+        timeout = timeout_s or self.request_timeout_s
+        body: dict[str, Any] = {"names": list(names), "dtypes": list(dtypes),
+                                "shapes": [list(s) for s in shapes], "group_name": group_name,
+                                "flush_cache": flush_cache}
+        if version is not None:
+            body["weight_version"] = str(version)
         async with aiohttp.ClientSession() as session:
-            posts = asyncio.gather(*(self._control(session, url, "/update_weights_from_distributed",
-                                                   body) for url in self.worker_urls))
-            sent = asyncio.to_thread(broadcast)
-            await asyncio.gather(posts, sent)
-            await self._verify_version(session, str(version))
-        self.expected_weight_version = str(version)
+            posts = {url: self._control(session, url, "/update_weights_from_distributed", body,
+                                        timeout_s=timeout) for url in self.worker_urls}
+            await _beside(posts, broadcast, timeout, "broadcasting the weights", settle_s=2.0)
+            if version is not None:
+                await self._verify_version(session, str(version))
+        if version is not None:
+            self.expected_weight_version = str(version)
         return {"seconds": time.perf_counter() - start}
 
     async def _control(self, session: aiohttp.ClientSession, url: str, path: str,
-                       body: dict) -> dict:
+                       body: dict, timeout_s: Optional[float] = None) -> dict:
+        timeout = timeout_s or self.request_timeout_s
         try:
             async with session.post(url + path, json=body,
-                                    timeout=aiohttp.ClientTimeout(total=self.request_timeout_s)) as resp:
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 text = await resp.text()
                 try:
                     data = await resp.json(content_type=None)
                 except Exception:
                     data = {}
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError:
+            raise RolloutError(f"{url}{path}: no answer within {timeout}s") from None
+        except aiohttp.ClientError as exc:
             raise RolloutError(f"{url}{path}: {type(exc).__name__}: {exc}") from None
         if resp.status != 200 or (isinstance(data, dict) and data.get("success") is False):
             raise RolloutError(f"{url}{path} failed (HTTP {resp.status}): {text[:500]}")
@@ -348,3 +376,64 @@ class SGLangClient:
                     if time.monotonic() > deadline:
                         raise RolloutError(f"{url} not healthy after {timeout_s}s")
                     await asyncio.sleep(0.1)
+
+
+async def _in_thread(fn: Callable[[], Any], name: str) -> Any:
+    """``fn()`` in a daemon thread. Unlike ``asyncio.to_thread`` nothing waits for a thread
+    stuck in a collective when the caller gives up (``asyncio.run`` would join it)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def target() -> None:
+        try:
+            outcome = (True, fn())
+        except BaseException as exc:  # handed to the awaiting side
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is gone: the caller already failed
+            pass
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
+
+
+async def _beside(posts: dict[str, Any], blocking: Optional[Callable[[], Any]],
+                  timeout_s: float, what: str, settle_s: float = 0.0) -> Any:
+    """Await the control calls ``posts`` (one per URL) while ``blocking()`` runs in a thread.
+
+    A failing call fails at once with its URL; the thread's own error is reported only when
+    every call came back, since the calls say more (which server) than a timed-out collective.
+    On failure the thread gets ``settle_s`` more to finish (a worker's refusal can arrive just
+    before the news that the collective completed) before ``collective_done`` is decided.
+    """
+    tasks = [asyncio.ensure_future(p) for p in posts.values()]
+    side = asyncio.ensure_future(asyncio.wait_for(_in_thread(blocking, what), timeout_s)) \
+        if blocking is not None else None
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            await next_done
+        if side is None:
+            return None
+        try:
+            return await side
+        except asyncio.TimeoutError:
+            raise RolloutError(f"{what}: this side did not finish within {timeout_s}s") from None
+        except RolloutError:
+            raise
+        except Exception as exc:
+            raise RolloutError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    except RolloutError as exc:
+        if side is not None and not side.done() and settle_s > 0:
+            await asyncio.wait([side], timeout=min(settle_s, timeout_s))
+        exc.collective_done = side is not None and side.done() and not side.cancelled() \
+            and side.exception() is None
+        raise
+    finally:
+        for t in tasks + ([side] if side is not None else []):
+            if not t.done():
+                t.cancel()

@@ -45,5 +45,8 @@ def build_engine(cfg: Any, hf_config: dict, state_dict: Optional[dict[str, torch
                               max_batch_size=cfg.max_batch_size)
     if cfg.engine == "sglang":
         weights_dir = cfg.weights_dir or os.path.join(run_dir, "weights")
-        return SGLangEngine(client_from_config(cfg), hf_config, weights_dir)
+        return SGLangEngine(client_from_config(cfg), hf_config, weights_dir,
+                            weight_sync=cfg.weight_sync, sync_backend=cfg.weight_sync_backend,
+                            sync_master_address=cfg.weight_sync_master_address,
+                            sync_timeout_s=cfg.weight_sync_timeout_s)
     raise ValueError(f"rollout.engine: unknown engine {cfg.engine!r}")

@@ -3,6 +3,10 @@
 Concurrent ``/generate`` calls are gathered into one engine batch; the next batch starts
 when the current one ends. Generation runs in a worker thread so that control endpoints
 (abort, pause, health) answer while a batch decodes.
+
+Weights arrive from disk (``/update_weights_from_disk``) or by broadcast from a trainer
+(``/init_weights_update_group`` once, then ``/update_weights_from_distributed`` per bucket:
+a partial update of the named tensors, all of them loaded or none).
 """
 from __future__ import annotations
 
@@ -15,12 +19,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from aiohttp import web
 
 from gvm_mega import __version__
 from gvm_mega.rollout.embedded import EmbeddedEngine
 from gvm_mega.rollout.protocol import BadRequest, parse_generate_body, sample_to_json
 from gvm_mega.rollout.types import RolloutRequest, Sample, SamplingParams
+from gvm_mega.rollout.weight_update_group import (UpdateGroupMember, join_update_group,
+                                                  resolve_backend)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,8 @@ class RolloutServer:
     """Owns the engine, the batching loop and the aiohttp application."""
 
     def __init__(self, engine: EmbeddedEngine, *, tokenizer: Any = None, model_path: str = "",
-                 host: str = "127.0.0.1", port: int = 30000, max_batch_size: int = 64) -> None:
+                 host: str = "127.0.0.1", port: int = 30000, max_batch_size: int = 64,
+                 group_timeout_s: float = 300.0) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -59,6 +67,11 @@ class RolloutServer:
         self._admission_open: Optional[asyncio.Event] = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate")
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load")
+        # joins and broadcasts block until the trainer takes part; their own thread keeps
+        # disk loads free meanwhile
+        self._groups: dict[str, UpdateGroupMember] = {}
+        self._group_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="group")
+        self.group_timeout_s = group_timeout_s
         self._loop_task: Optional[asyncio.Task] = None
         self.app = self._build_app()
 
@@ -79,9 +92,10 @@ class RolloutServer:
         r.add_post("/continue_generation", self.continue_generation)
         r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
         r.add_get("/get_weight_version", self.get_weight_version)
-        for path in ("/init_weights_update_group", "/update_weights_from_distributed",
-                     "/update_weights_from_tensor"):
-            r.add_post(path, self.unsupported)
+        r.add_post("/init_weights_update_group", self.init_weights_update_group)
+        r.add_post("/update_weights_from_distributed", self.update_weights_from_distributed)
+        r.add_post("/destroy_weights_update_group", self.destroy_weights_update_group)
+        r.add_post("/update_weights_from_tensor", self.unsupported)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -98,6 +112,10 @@ class RolloutServer:
             self._loop_task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
+        self._group_pool.shutdown(wait=False, cancel_futures=True)
+        for member in self._groups.values():
+            member.close()
+        self._groups.clear()
 
     # ---- generation ----------------------------------------------------------------------
     async def generate(self, request: web.Request) -> web.Response:
@@ -300,6 +318,74 @@ class RolloutServer:
         return web.json_response({"success": True, "message": "Succeeded to update model weights.",
                                   "num_paused_requests": 0})
 
+    async def init_weights_update_group(self, request: web.Request) -> web.Response:
+        """Join the trainer's update group as rank ``rank_offset`` (this server is one rank)."""
+        body = await _json_or_empty(request)
+        try:
+            spec = parse_group_body(body)
+            if spec["group_name"] in self._groups:
+                raise BadRequest(f"weight update group {spec['group_name']!r} already exists")
+            resolve_backend(spec["backend"])
+        except (BadRequest, ValueError) as exc:
+            return _reply(False, str(exc), 400)
+        loop = asyncio.get_running_loop()
+        try:
+            member = await loop.run_in_executor(self._group_pool, lambda: join_update_group(
+                spec["master_address"], spec["master_port"], spec["rank_offset"],
+                spec["world_size"], spec["group_name"], spec["backend"], self.group_timeout_s))
+        except Exception as exc:  # rendezvous failures come as several torch error types
+            log.warning("joining weight update group %s failed: %s", spec["group_name"], exc)
+            return _reply(False, f"Failed to initialize custom process group: {exc}", 400)
+        self._groups[spec["group_name"]] = member
+        return _reply(True, "Succeeded to initialize custom process group.")
+
+    async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
+        body = await _json_or_empty(request)
+        name = body.get("group_name", "weight_update_group") if isinstance(body, dict) else None
+        member = self._groups.pop(name, None) if isinstance(name, str) else None
+        if member is None:
+            return _reply(False, "The group to be destroyed does not exist.", 400)
+        member.close()
+        return _reply(True, "Succeeded to destroy custom process group.")
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        """Receive the announced tensors from rank 0, then load all of them or none."""
+        body = await _json_or_empty(request)
+        try:
+            spec = parse_distributed_update_body(body)
+        except BadRequest as exc:
+            return _reply(False, str(exc), 400)
+        member = self._groups.get(spec["group_name"])
+        if member is None:
+            return _reply(False, f"weight update group {spec['group_name']!r} does not exist; "
+                                 "call /init_weights_update_group first", 400)
+        loop = asyncio.get_running_loop()
+
+        def receive() -> dict[str, torch.Tensor]:
+            # every announced tensor is received, even ones that will be refused: the
+            # broadcast is collective, and skipping one would leave the group out of step
+            return {name: member.broadcast(torch.empty(shape, dtype=dtype, device=member.device))
+                    for name, dtype, shape in zip(spec["names"], spec["dtypes"], spec["shapes"])}
+
+        try:
+            received = await loop.run_in_executor(self._group_pool, receive)
+        except Exception as exc:
+            self._groups.pop(spec["group_name"], None)
+            member.close()
+            return _reply(False, f"Failed to receive the weights (the group is closed): {exc}", 400)
+        if spec["abort_all_requests"]:
+            self._abort(None, abort_all=True)
+        if not self._resume.is_set() and self._running:
+            return _reply(False, "generation is paused in place with requests running; pause "
+                                 "with mode=abort or continue first", 400)
+        version = spec["weight_version"]
+        try:
+            await loop.run_in_executor(self._loader, lambda: self.engine.update_weights(
+                received, version, strict=False))
+        except ValueError as exc:  # nothing was swapped in: the check precedes the swap
+            return _reply(False, f"Failed to update parameter online: {exc}", 400)
+        return _reply(True, "Succeeded to update parameter online.")
+
     async def unsupported(self, request: web.Request) -> web.Response:
         return web.json_response({"success": False, "message":
                                   f"{request.path} needs a GPU SGLang server; the embedded server "
@@ -312,6 +398,73 @@ class RolloutServer:
                     handler_cancellation=True,
                     print=lambda _: print(f"gvm-mega serve: listening on http://{self.host}:{self.port}",
                                           flush=True))
+
+
+def _reply(success: bool, message: str, status: int = 200) -> web.Response:
+    return web.json_response({"success": success, "message": message}, status=status)
+
+
+def _field(body: dict, key: str, kind: type, default: Any = ...) -> Any:
+    if key not in body:
+        if default is ...:
+            raise BadRequest(f"{key} is required")
+        return default
+    value = body[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise BadRequest(f"{key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def parse_group_body(body: Any) -> dict[str, Any]:
+    """The fields of ``/init_weights_update_group`` (SGLang's InitWeightsUpdateGroupReqInput)."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    spec = {"master_address": _field(body, "master_address", str),
+            "master_port": _field(body, "master_port", int),
+            "rank_offset": _field(body, "rank_offset", int),
+            "world_size": _field(body, "world_size", int),
+            "group_name": _field(body, "group_name", str, "weight_update_group"),
+            "backend": _field(body, "backend", str, "nccl")}
+    if not 0 < spec["rank_offset"] < spec["world_size"]:
+        raise BadRequest(f"rank_offset {spec['rank_offset']} must lie in [1, world_size="
+                         f"{spec['world_size']})")
+    if not 0 < spec["master_port"] < 65536:
+        raise BadRequest(f"master_port {spec['master_port']} is not a TCP port")
+    if not spec["group_name"]:
+        raise BadRequest("group_name must not be empty")
+    return spec
+
+
+def parse_distributed_update_body(body: Any) -> dict[str, Any]:
+    """The fields of ``/update_weights_from_distributed`` (SGLang's
+    UpdateWeightsFromDistributedReqInput), with dtypes as torch dtypes."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    names = _field(body, "names", list)
+    dtypes = _field(body, "dtypes", list)
+    shapes = _field(body, "shapes", list)
+    if not len(names) == len(dtypes) == len(shapes):
+        raise BadRequest(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
+    torch_dtypes = []
+    for name, dtype, shape in zip(names, dtypes, shapes):
+        if not isinstance(name, str):
+            raise BadRequest(f"tensor name {name!r} is not a string")
+        found = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+        if not isinstance(found, torch.dtype):
+            raise BadRequest(f"{name}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                  and d >= 0 for d in shape):
+            raise BadRequest(f"{name}: shape {shape!r} is not a list of sizes")
+        torch_dtypes.append(found)
+    load_format = body.get("load_format")
+    if load_format is not None:
+        raise BadRequest(f"load_format {load_format!r} is not supported (tensors are sent one "
+                         "by one)")
+    version = body.get("weight_version")
+    return {"names": names, "dtypes": torch_dtypes, "shapes": shapes,
+            "group_name": _field(body, "group_name", str, "weight_update_group"),
+            "abort_all_requests": bool(body.get("abort_all_requests", False)),
+            "weight_version": None if version is None else str(version)}
 
 
 def _greedy_one() -> SamplingParams:

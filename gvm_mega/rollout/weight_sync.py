@@ -6,10 +6,16 @@ layout on the driver (global rank 0) one bucket at a time:
 - an :class:`EmbeddedEngine` takes each bucket in memory as it arrives
   (``update_weights(bucket, strict=False)``), so the driver holds one bucket beyond the
   engine's own copy; the new weight version is set once the last bucket is in;
-- any other engine (an :class:`SGLangEngine`) gets the gathered state dict in one
-  ``update_weights(state_dict, version)``: safetensors written, then every server told to load
-  them with ``/update_weights_from_disk`` (the driver holds the whole model once, as the
+- an :class:`SGLangEngine` with ``weight_sync="distributed"`` broadcasts each bucket to the
+  servers as it arrives (``send_weights_bucket``, through a process group the servers join,
+  opened at the first sync and kept); the last bucket carries the new version;
+- any other engine (an :class:`SGLangEngine` syncing from disk) gets the gathered state dict in
+  one ``update_weights(state_dict, version)``: safetensors written, then every server told to
+  load them with ``/update_weights_from_disk`` (the driver holds the whole model once, as the
   writer needs it).
+
+An engine failure on the driver in the middle of the stream does not strand the other ranks:
+the driver keeps taking part in the gather and the error is raised on every rank at the end.
 
 Call it between rollouts: while buckets stream in, the engine holds a mix of old and new tensors.
 """
@@ -35,9 +41,10 @@ class SyncReport:
     are this rank's (the driver's include handing the weights to the engine)."""
 
     version: str
-    mode: str            # "memory" (streamed into the embedded engine) or "disk"
+    mode: str            # "memory" (embedded engine), "distributed" (broadcast) or "disk"
     gather_s: float      # waiting for buckets: TP/PP collectives, merges, copies to CPU
-    load_s: float        # handing weights to the engine (disk: write + servers' reload)
+    load_s: float        # handing weights to the engine (disk: write + servers' reload;
+                         # distributed: joining the group the first time + broadcasts)
     total_s: float
     bytes: int
     buckets: int
@@ -69,6 +76,13 @@ def _mode_of(engine: Any, plan: HFBucketPlan) -> str:
                         return (f"error: sync_weights: {name} is {tuple(shape)} in the policy "
                                 f"but {tuple(current[name].shape)} in the embedded engine")
         return "memory"
+    if getattr(engine, "weight_sync", None) == "distributed" and \
+            callable(getattr(engine, "send_weights_bucket", None)):
+        try:
+            engine.begin_weight_sync()  # a server that cannot join fails before any gather
+        except Exception as exc:
+            return f"error: sync_weights: the weight update group did not open: {exc}"
+        return "distributed"
     if callable(getattr(engine, "update_weights", None)):
         return "disk"
     return (f"error: sync_weights: {type(engine).__name__} has no "
@@ -97,28 +111,44 @@ def sync_weights(model: torch.nn.Module, engine: Any, version: str | int, *,
 
     gather_s = load_s = 0.0
     state: Optional[dict[str, torch.Tensor]] = {} if mode == "disk" else None
+    failure: Optional[str] = None
+    last = len(plan.buckets) - 1
     mark = time.perf_counter()
     gather_s += mark - start
-    for bucket in iter_mcore_to_hf_buckets(model, plan=plan):
+    for index, bucket in enumerate(iter_mcore_to_hf_buckets(model, plan=plan)):
         got = time.perf_counter()
         gather_s += got - mark
-        if driver:
-            if state is None:
-                engine.update_weights(bucket, None, strict=False)
-            else:
-                state.update(bucket)
+        if driver and failure is None:
+            try:
+                if mode == "distributed":
+                    engine.send_weights_bucket(bucket, version if index == last else None)
+                elif state is None:
+                    engine.update_weights(bucket, None, strict=False)
+                else:
+                    state.update(bucket)
+            except Exception as exc:  # keep gathering: the other ranks are in the collectives
+                failure = f"sync_weights: bucket {index}: {type(exc).__name__}: {exc}"
         del bucket
         mark = time.perf_counter()
         load_s += mark - got
     detail: dict[str, float] = {}
-    if driver:
-        if state is None:
-            engine.update_weights({}, version, strict=False)  # every bucket is in: new version
-        else:
-            engine.update_weights(state, version)
-            detail = {k: float(v) for k, v in (getattr(engine, "last_sync", None) or {}).items()}
-            state = None
+    if driver and failure is None:
+        try:
+            if mode == "memory":
+                engine.update_weights({}, version, strict=False)  # every bucket is in: new version
+            elif mode == "disk":
+                engine.update_weights(state, version)
+            if mode != "memory":
+                costs = getattr(engine, "last_sync", None) or {}
+                detail = {k: float(v) for k, v in costs.items()}
+        except Exception as exc:
+            failure = f"sync_weights: {type(exc).__name__}: {exc}"
+        state = None
         load_s += time.perf_counter() - mark
+    holder = [failure]
+    dist.broadcast_object_list(holder, src=0)
+    if holder[0] is not None:
+        raise RuntimeError(holder[0])
     return SyncReport(version=version, mode=mode, gather_s=gather_s, load_s=load_s,
                       total_s=time.perf_counter() - start, bytes=plan.total_bytes,
                       buckets=len(plan.buckets), tensors=plan.num_tensors,

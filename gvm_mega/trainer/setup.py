@@ -108,6 +108,8 @@ class RunSetup:
 
     def close(self) -> None:
         if self.is_driver:
+            if callable(getattr(self.engine, "close", None)):
+                self.engine.close()  # servers leave the weight update group
             self.scorer.close()
             self.log.close()
 
