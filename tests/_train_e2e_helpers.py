@@ -86,6 +86,19 @@ def run_world(config: Path, run_dir: Path, overrides: Sequence[str], world_size:
         raise AssertionError(f"a rank failed\n{logs}")
 
 
+def run_torchrun(config: Path, run_dir: Path, overrides: Sequence[str], nproc: int = 4,
+                 timeout_s: float = 300.0) -> None:
+    """The same command under the real ``torchrun --standalone`` (its agent store and
+    environment included); fails with its output when it fails."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "gvm_mega", *train_argv(config, run_dir, overrides)]
+    done = subprocess.run(argv, env={**os.environ, **ENV}, capture_output=True, text=True,
+                          timeout=timeout_s, cwd=str(ROOT))
+    if done.returncode != 0:
+        raise AssertionError(f"torchrun exited with {done.returncode}\n"
+                             f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]

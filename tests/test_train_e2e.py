@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from _train_e2e_helpers import (allocations, latest_checkpoint, metrics, popen, run_in_process,
-                                run_subprocess, run_world, warm_start_checkpoint, without_timing,
-                                write_config)
+                                run_subprocess, run_torchrun, run_world, warm_start_checkpoint,
+                                without_timing, write_config)
 
 SPEC_KEYS = ("iteration", "samples_total", "tokens_generated", "accept_rate_mean",
              "grad_norm_mean", "alloc_min", "alloc_max", "variance_ratio", "loss", "kl",
@@ -122,8 +122,9 @@ def test_pp2_dp2_first_iteration_equals_one_process(tiny, gvm_run):
 
 def test_own_warm_start_first_iteration_equals_one_process(tmp_path):
     """No shared checkpoint: each run trains its own warm start (in a one-process child), and
-    TP2xDP2 still draws exactly the one-process samples in its first iteration. (With the
-    warm start trained under each layout, 300 steps are enough to change the samples.)"""
+    TP2xDP2 under torchrun still draws exactly the one-process samples in its first iteration.
+    (With the warm start trained under each layout, 300 steps are enough to change the
+    samples.)"""
     config = write_config(tmp_path)
     common = ["train.warmup_steps=300", "train.warmup_lr=5e-3", "train.warmup_batch_size=16",
               "train.iterations=1"]
@@ -131,7 +132,7 @@ def test_own_warm_start_first_iteration_equals_one_process(tmp_path):
     done = run_subprocess(config, one, common)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     four = tmp_path / "four"
-    run_world(config, four, common + ["parallel.tp=2", "parallel.dp=2"])
+    run_torchrun(config, four, common + ["parallel.tp=2", "parallel.dp=2"])
     for run in (one, four):
         assert (run / "warm_start" / "COMPLETE").is_file()
         assert "warm start: 300 SFT steps in one process" in (run / "train.log").read_text()

@@ -100,9 +100,12 @@ def run_warm_start_process(config_path: str | Path, run_dir: str | Path, *,
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     threads = str(warm_start_threads())
+    # a world of its own: none of the launcher's rank variables, and not torchrun's agent
+    # store (TORCHELASTIC_USE_AGENT_STORE would make the child wait for a store that the
+    # launcher, not the child, is meant to host)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                        "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID")}
+           if not k.startswith(("TORCHELASTIC_", "ROLE_", "GROUP_", "SLURM_"))
+           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()), RANK="0",
                WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     proc = subprocess.Popen([sys.executable, "-m", "gvm_mega.trainer.warm_start",
