@@ -190,6 +190,20 @@ def test_serve_reports_bad_model_dir(tmp_path, capsys):
     assert "config.json" in err and "not supported" in err
 
 
+def test_serve_weight_group_timeout_reaches_the_server(tmp_path, capsys, monkeypatch):
+    from gvm_mega.cli import main
+    from gvm_mega.rollout import RolloutServer
+
+    assert main(["serve", "--model", str(tmp_path), "--weight-group-timeout", "0"]) == 2
+    assert "--weight-group-timeout must be > 0" in capsys.readouterr().err
+    model_dir = str(tmp_path / "model")
+    build_model(model_dir, arch="qwen2")
+    seen = {}
+    monkeypatch.setattr(RolloutServer, "run", lambda self: seen.setdefault("t", self.group_timeout_s))
+    assert main(["serve", "--model", str(model_dir), "--weight-group-timeout", "12.5"]) == 0
+    assert seen["t"] == 12.5
+
+
 def test_client_disconnect_stops_its_generation(served):
     _, url = served
     body = {"input_ids": [5, 9, 14], "sampling_params": {"max_new_tokens": 250, "n": 64,

@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for requests without sampling_seed")
     p.add_argument("--weight-version", default="default", help="initial weight version")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--weight-group-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="limit on joining a weight update group and on each broadcast bucket")
     p.set_defaults(func=run)
 
 
@@ -34,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--model {args.model}: not a directory")
     if args.max_batch_size < 1:
         raise CLIError("--max-batch-size must be >= 1")
+    if not args.weight_group_timeout > 0:
+        raise CLIError("--weight-group-timeout must be > 0")
     try:
         tokenizer = load_text_codec(args.model)
         engine = EmbeddedEngine.from_pretrained(args.model, tokenizer=tokenizer, seed=args.seed,
@@ -42,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     server = RolloutServer(engine, tokenizer=tokenizer, model_path=args.model, host=args.host,
-                           port=args.port, max_batch_size=args.max_batch_size)
+                           port=args.port, max_batch_size=args.max_batch_size,
+                           group_timeout_s=args.weight_group_timeout)
     server.run()
     return 0
