@@ -165,7 +165,8 @@ def test_quick_benchmark_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["failures"] == []
     assert results["command"]["algorithms"] == ["raft++", "gvm-raft++"]
-    assert results["budget"]["uniform_n"] == 2 and results["budget"]["presample_n"] == 2
+    assert results["budget"]["presample_n"] == 2 and results["budget"]["budget_per_prompt"] == 2
+    assert results["budget"]["uniform_n"] == 4  # the same rollout budget: N' + budget
     assert results["baselines"] == {"gvm-raft++": "raft++"}
     assert set(results["speedups"]) == {"gvm-raft++"}
     assert results["speedups"]["gvm-raft++"]["baseline"] == "raft++"
@@ -175,9 +176,10 @@ def test_quick_benchmark_end_to_end(tmp_path):
         # every arm starts from the shared warm start: same iteration-0 accuracy
         assert run["eval_accuracy"][0] == results["warm_start"]["eval_accuracy"]
     uniform = results["runs_per_algorithm"]["raft++"][0]["samples_total"]
-    assert uniform == [0, 4, 8]  # 2 prompts x uniform_n=2 per iteration
+    assert uniform == [0, 8, 16]  # 2 prompts x uniform_n=4 per iteration
     gvm = results["runs_per_algorithm"]["gvm-raft++"][0]["samples_total"]
-    assert gvm[1] >= 4  # N'=2 pre-samples x 2 prompts count in samples_total
+    # N'=2 pre-samples x 2 prompts count in samples_total, plus at most the stage-2 budget 4
+    assert 4 <= gvm[1] <= 8 and 4 <= gvm[2] - gvm[1] <= 8
     arm_cfg = (out / "runs" / "gvm-raft++" / "seed1234" / "config.yaml").read_text()
     assert "warmup_steps: 0" in arm_cfg and str(out / "warm_start" / "weights") in arm_cfg
     table = (out / "table.md").read_text()
@@ -191,7 +193,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert again.stdout.count("finished earlier: reusing") == 3
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["reused"] * 3
-    assert runs[1]["seed"] == 1234 and runs[1]["curve"]["samples_total"] == [0, 4, 8]
+    assert runs[1]["seed"] == 1234 and runs[1]["curve"]["samples_total"] == [0, 8, 16]
 
     # ... but not with other settings: those runs would not be comparable
     other = subprocess.run([*cmd, "optim.lr=0.5"], cwd=REPO, env=env, capture_output=True,

@@ -3,9 +3,11 @@
 One warm-start run trains the supervised warm start once; its weights start every arm
 (``checkpoint.load``, ``train.warmup_steps=0``). Each (algorithm, seed) arm then trains on the
 same prompts (same ``run.seed`` for every algorithm) with the same rollout budget per
-iteration: the uniform algorithms draw ``algorithm.uniform_n = gvm.budget_per_prompt``
-samples per prompt, the GVM variants draw N' pre-samples per prompt plus that budget, and
-``samples_total`` counts both. Arms run one after another in fresh processes.
+iteration: the GVM variants draw N' pre-samples per prompt plus ``gvm.budget_per_prompt``
+in stage 2, the uniform algorithms draw ``algorithm.uniform_n = N' + budget_per_prompt``
+per prompt, so every arm generates the same number of responses each iteration and
+``samples_total`` (pre-samples included) grows alike. Arms run one after another in fresh
+processes.
 """
 from __future__ import annotations
 
@@ -149,10 +151,10 @@ def plan(args: argparse.Namespace) -> Plan:
     algorithms = _algorithms(args.algorithms, args.quick)
     shared = [*COMMON, *(QUICK_SIZE if args.quick else DEFAULT_SIZE), *args.overrides]
     cfg = load_config(config, shared)  # ConfigError names the bad key
-    budget = cfg.gvm.budget_per_prompt
-    if budget != int(budget):
-        _fail(f"gvm.budget_per_prompt={budget}: the uniform arms need a whole number of "
-              f"samples per prompt to match the GVM budget")
+    per_prompt = cfg.gvm.presample_n + cfg.gvm.budget_per_prompt
+    if per_prompt != int(per_prompt):
+        _fail(f"gvm.presample_n + gvm.budget_per_prompt = {per_prompt}: the uniform arms need "
+              f"a whole number of samples per prompt to match the GVM arms' rollout budget")
     if cfg.train.iterations < 1:
         _fail("train.iterations must be >= 1 for a convergence benchmark")
     if cfg.train.eval_every < 1:
@@ -163,7 +165,7 @@ def plan(args: argparse.Namespace) -> Plan:
               "from random weights")
     out = Path(args.out or ("runs/bench-convergence" + ("-quick" if args.quick else "")))
     return Plan(config=config, shared=shared, cfg=cfg, seeds=seeds, algorithms=algorithms,
-                uniform_n=int(budget), out=out)
+                uniform_n=int(per_prompt), out=out)
 
 
 def arm_overrides(p: Plan, algorithm: str, seed: int, weights: Path) -> list[str]:
