@@ -233,3 +233,64 @@ def test_failed_arm_is_reported_not_dropped(tmp_path, monkeypatch, capsys):
     assert results["algorithms"]["gvm-raft++"]["seeds"] == 0
     assert "no finished run of gvm-raft++" in results["speedups"]["gvm-raft++"]["note"]
     assert "2 run(s) failed" in capsys.readouterr().out
+
+
+def _parse(*argv: str):
+    from gvm_mega.convergence import bench
+
+    parser = __import__("argparse").ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_per_algorithm_overrides_reach_only_their_arms(tmp_path, monkeypatch):
+    """``grpo:optim.lr=1e-5`` changes the GRPO arms' config and nothing else; it is recorded
+    in settings.json, so resuming with a different value is refused."""
+    from gvm_mega.convergence import bench
+
+    seen: dict[str, list[str]] = {}
+
+    def fake_run(name, config, run_dir, overrides, iterations, log_dir, **_):
+        seen[name] = list(overrides)
+        _write_metrics(run_dir, [(0, 0, 0.2)] + [(it, 10 * it, 0.3) for it in
+                                                  range(1, iterations + 1)])
+        return bench.ArmResult(name, run_dir, log_dir / f"{name}.log", "done")
+
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    monkeypatch.setattr(bench, "export_weights", lambda run_dir, dest: dest)
+    args = _parse("--out", str(tmp_path), "--seeds", "1", "--algorithms", "raft++,grpo",
+                  "grpo:optim.lr=1e-5", "train.iterations=2", "train.eval_every=1")
+    assert bench.main(args) == 0
+    assert "optim.lr=1e-05" not in seen["raft++-seed1234"]
+    assert not any(o.startswith("optim.lr") for o in seen["raft++-seed1234"])
+    assert not any(o.startswith("optim.lr") for o in seen["warm_start"])
+    grpo = seen["grpo-seed1234"]
+    # after the shared overrides, before what the benchmark sets per arm
+    assert grpo.index("optim.lr=1e-5") > grpo.index("train.eval_every=1")
+    assert grpo.index("optim.lr=1e-5") < grpo.index("algorithm.name=grpo")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["command"]["per_algorithm"] == {"grpo": ["optim.lr=1e-5"]}
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["per_algorithm"] == {"grpo": ["optim.lr=1e-5"]}
+
+    other = _parse("--out", str(tmp_path), "--seeds", "1", "--algorithms", "raft++,grpo",
+                   "grpo:optim.lr=3e-5", "train.iterations=2", "train.eval_every=1")
+    with pytest.raises(Exception, match=r"new: grpo:optim.lr=3e-5; no longer: grpo:optim.lr=1e-5"):
+        bench.main(other)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("gvm-grpo:optim.lr=1e-5", "'gvm-grpo' is not one of the benchmarked algorithms"),
+    ("grpo:train.iterations=5", "train.iterations must be the same for every arm"),
+    ("grpo:gvm.budget_per_prompt=4", "gvm.budget_per_prompt must be the same for every arm"),
+    ("grpo:algorithm.name=raft", "algorithm.name is set by the benchmark"),
+    ("grpo:optim.lr=fast", "optim.lr"),
+])
+def test_bad_per_algorithm_overrides_are_refused(tmp_path, override, message):
+    from gvm_mega.cli import CLIError
+    from gvm_mega.config import ConfigError
+    from gvm_mega.convergence import bench
+
+    args = _parse("--out", str(tmp_path), "--algorithms", "raft++,grpo", override)
+    with pytest.raises((CLIError, ConfigError), match=message):
+        bench.plan(args)

@@ -8,12 +8,15 @@ in stage 2, the uniform algorithms draw ``algorithm.uniform_n = N' + budget_per_
 per prompt, so every arm generates the same number of responses each iteration and
 ``samples_total`` (pre-samples included) grows alike. Arms run one after another in fresh
 processes.
+
+An override written ``ALGORITHM:section.key=value`` applies to that algorithm's arms only
+(after the shared ones): GRPO and RAFT++ want different learning rates, for instance.
 """
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Optional, get_args, get_type_hints
 
@@ -94,8 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smoke-test size: 1 seed, 2 algorithms, 2 iterations, tiny model")
     parser.add_argument("--config", default=None,
                         help="base YAML config (default configs/demo_cpu.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="config overrides for every run, after the benchmark's size")
+    parser.add_argument("overrides", nargs="*", metavar="[ALGORITHM:]section.key=value",
+                        help="config overrides for every run, after the benchmark's size; "
+                             "with an ALGORITHM: prefix, for that algorithm's arms only")
 
 
 def _fail(message: str) -> NoReturn:
@@ -129,6 +133,7 @@ class Plan:
     algorithms: list[str]
     uniform_n: int
     out: Path
+    per_algorithm: dict[str, list[str]] = field(default_factory=dict)
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -140,17 +145,15 @@ def plan(args: argparse.Namespace) -> Plan:
         _fail("no --config given and configs/demo_cpu.yaml is not next to the package")
     if not Path(config).is_file():
         _fail(f"--config {config}: no such file")
-    for o in args.overrides:
-        if "=" not in o:
-            _fail(f"override {o!r}: expected section.key=value")
-        if o.split("=", 1)[0].strip() in MANAGED_KEYS:
-            _fail(f"override {o!r}: {o.split('=', 1)[0]} is set by the benchmark for each run")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if seeds < 1:
         _fail(f"--seeds {seeds}: must be >= 1")
     algorithms = _algorithms(args.algorithms, args.quick)
-    shared = [*COMMON, *(QUICK_SIZE if args.quick else DEFAULT_SIZE), *args.overrides]
+    common, per_algorithm = split_overrides(args.overrides, algorithms)
+    shared = [*COMMON, *(QUICK_SIZE if args.quick else DEFAULT_SIZE), *common]
     cfg = load_config(config, shared)  # ConfigError names the bad key
+    for algorithm, extra in per_algorithm.items():
+        load_config(config, [*shared, *extra])
     per_prompt = cfg.gvm.presample_n + cfg.gvm.budget_per_prompt
     if per_prompt != int(per_prompt):
         _fail(f"gvm.presample_n + gvm.budget_per_prompt = {per_prompt}: the uniform arms need "
@@ -165,17 +168,58 @@ def plan(args: argparse.Namespace) -> Plan:
               "from random weights")
     out = Path(args.out or ("runs/bench-convergence" + ("-quick" if args.quick else "")))
     return Plan(config=config, shared=shared, cfg=cfg, seeds=seeds, algorithms=algorithms,
-                uniform_n=int(per_prompt), out=out)
+                uniform_n=int(per_prompt), out=out, per_algorithm=per_algorithm)
+
+
+# Keys whose per-algorithm values would make the arms incomparable (different prompts,
+# budgets, eval or warm start).
+SHARED_ONLY_PREFIXES = ("data.", "train.", "gvm.presample_n", "gvm.budget_per_prompt",
+                        "run.", "model.", "rollout.max_new_tokens", "rollout.temperature")
+
+
+def split_overrides(overrides: list[str],
+                    algorithms: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Shared overrides and ``ALGORITHM:key=value`` ones by algorithm (validated)."""
+    shared: list[str] = []
+    per_algorithm: dict[str, list[str]] = {}
+    for o in overrides:
+        if "=" not in o:
+            _fail(f"override {o!r}: expected section.key=value")
+        key = o.split("=", 1)[0].strip()
+        algorithm = None
+        if ":" in key:
+            algorithm, key = (part.strip() for part in key.split(":", 1))
+            if algorithm not in algorithms:
+                _fail(f"override {o!r}: {algorithm!r} is not one of the benchmarked algorithms "
+                      f"({', '.join(algorithms)})")
+            if key.startswith(SHARED_ONLY_PREFIXES):
+                _fail(f"override {o!r}: {key} must be the same for every arm (prompts, budget, "
+                      f"model and eval are shared); give it without {algorithm}:")
+        if key in MANAGED_KEYS:
+            _fail(f"override {o!r}: {key} is set by the benchmark for each run")
+        if algorithm is None:
+            shared.append(o)
+        else:
+            per_algorithm.setdefault(algorithm, []).append(f"{key}={o.split('=', 1)[1]}")
+    return shared, per_algorithm
 
 
 def arm_overrides(p: Plan, algorithm: str, seed: int, weights: Path) -> list[str]:
     """The shared overrides plus what makes this arm: algorithm, seed, start weights."""
-    return [*p.shared, f"algorithm.name={algorithm}", f"run.seed={seed}",
+    return [*p.shared, *p.per_algorithm.get(algorithm, []),
+            f"algorithm.name={algorithm}", f"run.seed={seed}",
             f"algorithm.uniform_n={p.uniform_n}", "train.warmup_steps=0",
             f"checkpoint.load={weights.resolve()}"]
 
 
 SETTINGS_FILE = "settings.json"
+
+
+def _as_arguments(settings: dict) -> list[str]:
+    """The overrides of a settings record as written on the command line."""
+    per_algorithm = settings.get("per_algorithm") or {}
+    return [*settings.get("overrides", []),
+            *(f"{a}:{o}" for a, extra in per_algorithm.items() for o in extra)]
 
 
 def check_settings(out: Path, p: Plan) -> None:
@@ -184,6 +228,8 @@ def check_settings(out: Path, p: Plan) -> None:
     import json
 
     settings = {"config": str(Path(p.config).resolve()), "overrides": list(p.shared)}
+    if p.per_algorithm:
+        settings["per_algorithm"] = p.per_algorithm
     path = out / SETTINGS_FILE
     if path.is_file():
         try:
@@ -191,8 +237,9 @@ def check_settings(out: Path, p: Plan) -> None:
         except json.JSONDecodeError as exc:
             _fail(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); remove it or use another --out")
         if old != settings:
-            added = [o for o in settings["overrides"] if o not in old.get("overrides", [])]
-            removed = [o for o in old.get("overrides", []) if o not in settings["overrides"]]
+            new_args, old_args = _as_arguments(settings), _as_arguments(old)
+            added = [o for o in new_args if o not in old_args]
+            removed = [o for o in old_args if o not in new_args]
             what = "; ".join(filter(None, [
                 f"config {old.get('config')} -> {settings['config']}"
                 if old.get("config") != settings["config"] else "",
@@ -251,7 +298,8 @@ def main(args: argparse.Namespace) -> int:
     failures = [a.to_dict() for a in arms if not a.ok]
     meta = {
         "benchmark": "convergence",
-        "command": {"config": p.config, "overrides": p.shared, "seeds": p.seeds,
+        "command": {"config": p.config, "overrides": p.shared,
+                    "per_algorithm": p.per_algorithm, "seeds": p.seeds,
                     "algorithms": p.algorithms, "quick": bool(args.quick)},
         "budget": {"prompts_per_iteration": cfg.train.prompts_per_iteration,
                    "presample_n": cfg.gvm.presample_n,
