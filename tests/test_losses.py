@@ -227,3 +227,36 @@ def test_megatron_scale_and_empty_metrics():
     assert out.loss.item() == 0.0
     merged = reduce_metrics([out.metrics])
     assert merged["clip_fraction"] == 0.0 and math.isnan(merged["ratio_max"])
+
+
+def test_prompt_mean_weights_every_prompt_alike():
+    """prompt-mean: a prompt's kept samples share one prompt's worth of weight, the mean
+    weight stays 1, and the pooled default is unchanged."""
+    pp = LossSpec.from_config(AlgorithmConfig(name="gvm-raft++", prompt_weight="prompt-mean"))
+    # prompt 0: 3 accepted of 4; prompt 1: 1 of 1; prompt 2: none accepted
+    rewards, groups = [1, 1, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 2, 2]
+    keep, adv = sample_advantages(pp, rewards, groups)
+    assert keep.tolist() == [True, True, False, True, True, False, False]
+    # 4 kept over 2 prompts: weight 2 per prompt, split among its own kept samples
+    assert adv.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
+    assert float(adv.mean()) == pytest.approx(1.0)
+    assert float(adv[:3].sum()) == pytest.approx(float(adv[3]))
+
+    grpo = LossSpec.from_config(AlgorithmConfig(name="grpo", prompt_weight="prompt-mean"))
+    pooled = LossSpec.from_config(AlgorithmConfig(name="grpo"))
+    rewards, groups = [1, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]
+    _, weighted = sample_advantages(grpo, rewards, groups)
+    _, plain = sample_advantages(pooled, rewards, groups)
+    # 6 samples over 2 prompts: group 0 (4 samples) scaled by 3/4, group 1 (2) by 3/2
+    assert weighted.tolist() == pytest.approx([a * s for a, s in
+                                               zip(plain.tolist(), [0.75] * 4 + [1.5] * 2)])
+    assert sample_advantages(pp, [0, 0], [0, 1])[1].numel() == 0  # nothing accepted
+
+
+def test_prompt_mean_is_refused_for_plain_raft():
+    from gvm_mega.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="algorithm.prompt_weight"):
+        load_config(None, ["algorithm.name=raft", "algorithm.prompt_weight=prompt-mean"])
+    assert load_config(None, ["algorithm.prompt_weight=prompt-mean"]).algorithm.prompt_weight \
+        == "prompt-mean"

@@ -247,6 +247,9 @@ def validate(cfg: Config) -> Config:
     if g.max_samples is not None and g.min_samples > g.max_samples:
         raise ConfigError(f"'gvm.min_samples' ({g.min_samples}) must not exceed "
                           f"'gvm.max_samples' ({g.max_samples})")
+    if cfg.algorithm.prompt_weight != "pooled" and cfg.algorithm.name == "raft":
+        raise ConfigError("'algorithm.prompt_weight' must be 'pooled' for 'raft' (plain SFT on "
+                          "accepted samples has no per-sample weights); use raft++")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"'optim.min_lr' ({cfg.optim.min_lr}) must not exceed "
                           f"'optim.lr' ({cfg.optim.lr})")

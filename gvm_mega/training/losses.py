@@ -293,6 +293,7 @@ class LossSpec:
     entropy_coef: float = 0.0
     agg: Aggregation = "token-mean"
     std_norm: bool = True
+    prompt_weight: Literal["pooled", "prompt-mean"] = "pooled"
 
     @classmethod
     def from_config(cls, algo: "AlgorithmConfig") -> "LossSpec":
@@ -306,7 +307,7 @@ class LossSpec:
         return cls(kind=kind, uses_group_advantages=group_adv, clip_low=algo.clip_low,
                    clip_high=algo.clip_high, kl_coef=algo.kl_coef,
                    entropy_coef=algo.entropy_coef, agg=algo.loss_agg,
-                   std_norm=algo.grpo_std_norm)
+                   std_norm=algo.grpo_std_norm, prompt_weight=algo.prompt_weight)
 
 
 def sample_advantages(spec: LossSpec, rewards: torch.Tensor | Sequence[float],
@@ -315,13 +316,26 @@ def sample_advantages(spec: LossSpec, rewards: torch.Tensor | Sequence[float],
 
     RAFT and RAFT++ keep the accepted samples with advantage 1; GRPO keeps every sample with
     its group-normalised advantage (a group whose rewards are all equal gets 0).
+
+    With ``prompt_weight="prompt-mean"`` each kept sample's advantage is also scaled by
+    ``(kept / prompts with any kept) / kept of its prompt``: every prompt then carries the
+    same total weight whatever its sample count (the per-prompt normalisation of the
+    estimator that GVM's variance formula describes), and the mean weight stays 1.
     """
     r = torch.as_tensor(rewards, dtype=torch.float64).flatten()
+    gid = torch.as_tensor(group_ids, dtype=torch.int64).flatten()
     if spec.uses_group_advantages:
+        keep = torch.ones_like(r, dtype=torch.bool)
         adv = grpo_advantages(r, group_ids, std_norm=spec.std_norm)
-        return torch.ones_like(r, dtype=torch.bool), adv
-    keep = accepted(r)
-    return keep, torch.ones(int(keep.sum()), dtype=torch.float32)
+    else:
+        keep = accepted(r)
+        adv = torch.ones(int(keep.sum()), dtype=torch.float32)
+    if spec.prompt_weight == "prompt-mean" and adv.numel():
+        kept_groups = gid[keep]
+        _, inverse, counts = torch.unique(kept_groups, return_inverse=True, return_counts=True)
+        scale = (kept_groups.numel() / counts.numel()) / counts[inverse].to(torch.float64)
+        adv = (adv.to(torch.float64) * scale).to(adv.dtype)
+    return keep, adv
 
 
 def compute_loss(
