@@ -244,8 +244,9 @@ def _parse(*argv: str):
 
 
 def test_per_algorithm_overrides_reach_only_their_arms(tmp_path, monkeypatch):
-    """``grpo:optim.lr=1e-5`` changes the GRPO arms' config and nothing else; it is recorded
-    in settings.json, so resuming with a different value is refused."""
+    """``grpo:optim.lr=3e-5`` changes the GRPO arms' config and nothing else (after the
+    default size's own GRPO learning rate); it is recorded in settings.json, so resuming
+    with a different value is refused."""
     from gvm_mega.convergence import bench
 
     seen: dict[str, list[str]] = {}
@@ -259,23 +260,23 @@ def test_per_algorithm_overrides_reach_only_their_arms(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_training", fake_run)
     monkeypatch.setattr(bench, "export_weights", lambda run_dir, dest: dest)
     args = _parse("--out", str(tmp_path), "--seeds", "1", "--algorithms", "raft++,grpo",
-                  "grpo:optim.lr=1e-5", "train.iterations=2", "train.eval_every=1")
+                  "grpo:optim.lr=3e-5", "train.iterations=2", "train.eval_every=1")
     assert bench.main(args) == 0
-    assert "optim.lr=1e-05" not in seen["raft++-seed1234"]
     assert not any(o.startswith("optim.lr") for o in seen["raft++-seed1234"])
     assert not any(o.startswith("optim.lr") for o in seen["warm_start"])
     grpo = seen["grpo-seed1234"]
-    # after the shared overrides, before what the benchmark sets per arm
-    assert grpo.index("optim.lr=1e-5") > grpo.index("train.eval_every=1")
-    assert grpo.index("optim.lr=1e-5") < grpo.index("algorithm.name=grpo")
+    # after the shared overrides and the default GRPO rate, before what the benchmark sets
+    assert grpo.index("optim.lr=3e-5") > grpo.index("train.eval_every=1")
+    assert grpo.index("optim.lr=3e-5") > grpo.index("optim.lr=1e-5")
+    assert grpo.index("optim.lr=3e-5") < grpo.index("algorithm.name=grpo")
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["command"]["per_algorithm"] == {"grpo": ["optim.lr=1e-5"]}
+    assert results["command"]["per_algorithm"] == {"grpo": ["optim.lr=1e-5", "optim.lr=3e-5"]}
     settings = json.loads((tmp_path / "settings.json").read_text())
-    assert settings["per_algorithm"] == {"grpo": ["optim.lr=1e-5"]}
+    assert settings["per_algorithm"] == {"grpo": ["optim.lr=1e-5", "optim.lr=3e-5"]}
 
     other = _parse("--out", str(tmp_path), "--seeds", "1", "--algorithms", "raft++,grpo",
-                   "grpo:optim.lr=3e-5", "train.iterations=2", "train.eval_every=1")
-    with pytest.raises(Exception, match=r"new: grpo:optim.lr=3e-5; no longer: grpo:optim.lr=1e-5"):
+                   "grpo:optim.lr=2e-5", "train.iterations=2", "train.eval_every=1")
+    with pytest.raises(Exception, match=r"new: grpo:optim.lr=2e-5; no longer: grpo:optim.lr=3e-5"):
         bench.main(other)
 
 
@@ -294,3 +295,19 @@ def test_bad_per_algorithm_overrides_are_refused(tmp_path, override, message):
     args = _parse("--out", str(tmp_path), "--algorithms", "raft++,grpo", override)
     with pytest.raises((CLIError, ConfigError), match=message):
         bench.plan(args)
+
+
+def test_default_size_runs_grpo_at_its_own_learning_rate(tmp_path):
+    from gvm_mega.config import load_config
+    from gvm_mega.convergence import bench
+
+    p = bench.plan(_parse("--out", str(tmp_path)))
+    assert p.algorithms == ["raft++", "gvm-raft++", "grpo", "gvm-grpo"]
+    lrs = {a: load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path)).optim.lr
+           for a in p.algorithms}
+    assert lrs == {"raft++": 1e-4, "gvm-raft++": 1e-4, "grpo": 1e-5, "gvm-grpo": 1e-5}
+    assert bench.plan(_parse("--quick", "--out", str(tmp_path))).per_algorithm == {}
+    # a learning rate given for every arm is not overridden by the GRPO default
+    p = bench.plan(_parse("--out", str(tmp_path), "optim.lr=3e-4"))
+    assert p.per_algorithm == {}
+    assert load_config(p.config, bench.arm_overrides(p, "grpo", 1, tmp_path)).optim.lr == 3e-4
