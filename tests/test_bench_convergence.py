@@ -119,7 +119,16 @@ def test_speedup_interpolated_and_undefined_cases():
     flat = summarise({"grpo": [_curve([0, 100], [0.3, 0.2])],
                       "gvm-grpo": [_curve([0, 100], [0.3, 0.4])]})
     assert flat["speedups"]["gvm-grpo"]["speedup"] is None
-    assert "no improvement over the warm start" in flat["speedups"]["gvm-grpo"]["note"]
+    assert "no improvement to compare against" in flat["speedups"]["gvm-grpo"]["note"]
+    # nor one that ends within evaluation noise of its start (0.636 -> 0.637), even though a
+    # dip in between makes "samples to reach the final accuracy" a positive number
+    noisy = {"grpo": [_curve([0, 100, 200, 300], [0.636, 0.628, 0.632, 0.637])],
+             "gvm-grpo": [_curve([0, 100, 200, 300], [0.636, 0.623, 0.638, 0.632])]}
+    s = summarise(noisy)["speedups"]["gvm-grpo"]
+    assert s["speedup"] is None and s["baseline_samples"] is None
+    assert "+0.0010 from its start 0.6360" in s["note"]
+    assert summarise(noisy, min_gain=0.0)["speedups"]["gvm-grpo"]["speedup"] == pytest.approx(
+        (200 + 100 * (0.637 - 0.632) / (0.637 - 0.632)) / (100 + 100 * (0.637 - 0.623) / (0.638 - 0.623)))
     # a missing baseline is said, not dropped
     alone = summarise({"gvm-grpo": [_curve([0, 100], [0.1, 0.4])], "grpo": []})
     assert alone["algorithms"]["grpo"]["seeds"] == 0
@@ -311,3 +320,12 @@ def test_default_size_runs_grpo_at_its_own_learning_rate(tmp_path):
     p = bench.plan(_parse("--out", str(tmp_path), "optim.lr=3e-4"))
     assert p.per_algorithm == {}
     assert load_config(p.config, bench.arm_overrides(p, "grpo", 1, tmp_path)).optim.lr == 3e-4
+
+
+def test_min_gain_option_is_checked_and_recorded(tmp_path):
+    from gvm_mega.cli import CLIError
+    from gvm_mega.convergence import bench
+
+    with pytest.raises(CLIError, match="--min-gain -0.1"):
+        bench.plan(_parse("--out", str(tmp_path), "--min-gain", "-0.1"))
+    assert bench.plan(_parse("--out", str(tmp_path), "--min-gain", "0.02")).min_gain == 0.02

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Optional, get_args, get_type_hints
 
-from gvm_mega.convergence.analysis import BASELINES, Curve, load_curve, summarise
+from gvm_mega.convergence.analysis import BASELINES, MIN_GAIN, Curve, load_curve, summarise
 from gvm_mega.convergence.arms import ArmResult, export_weights, run_training, weights_ready
 from gvm_mega.convergence.report import write_outputs
 
@@ -102,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "re-running with the same --out reuses finished runs")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-test size: 1 seed, 2 algorithms, 2 iterations, tiny model")
+    parser.add_argument("--min-gain", type=float, default=MIN_GAIN,
+                        help="a baseline must end this much above its start for a speedup to "
+                             f"be measured against it (default {MIN_GAIN})")
     parser.add_argument("--config", default=None,
                         help="base YAML config (default configs/demo_cpu.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="[ALGORITHM:]section.key=value",
@@ -140,6 +143,7 @@ class Plan:
     algorithms: list[str]
     uniform_n: int
     out: Path
+    min_gain: float = MIN_GAIN
     per_algorithm: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -152,6 +156,8 @@ def plan(args: argparse.Namespace) -> Plan:
         _fail("no --config given and configs/demo_cpu.yaml is not next to the package")
     if not Path(config).is_file():
         _fail(f"--config {config}: no such file")
+    if not 0 <= args.min_gain < 1:
+        _fail(f"--min-gain {args.min_gain}: must be in [0, 1) (an accuracy difference)")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if seeds < 1:
         _fail(f"--seeds {seeds}: must be >= 1")
@@ -181,7 +187,8 @@ def plan(args: argparse.Namespace) -> Plan:
               "from random weights")
     out = Path(args.out or ("runs/bench-convergence" + ("-quick" if args.quick else "")))
     return Plan(config=config, shared=shared, cfg=cfg, seeds=seeds, algorithms=algorithms,
-                uniform_n=int(per_prompt), out=out, per_algorithm=per_algorithm)
+                uniform_n=int(per_prompt), out=out, per_algorithm=per_algorithm,
+                min_gain=args.min_gain)
 
 
 # Keys whose per-algorithm values would make the arms incomparable (different prompts,
@@ -300,7 +307,7 @@ def run_benchmark(p: Plan) -> tuple[dict, list[ArmResult], dict[str, list[Curve]
                 curve = load_curve(arm.run_dir / "metrics.jsonl")
                 arm.extra["curve"] = curve.to_dict()
                 curves[algorithm].append(curve)
-    return summarise(curves), arms, curves
+    return summarise(curves, min_gain=p.min_gain), arms, curves
 
 
 def main(args: argparse.Namespace) -> int:
@@ -313,7 +320,8 @@ def main(args: argparse.Namespace) -> int:
         "benchmark": "convergence",
         "command": {"config": p.config, "overrides": p.shared,
                     "per_algorithm": p.per_algorithm, "seeds": p.seeds,
-                    "algorithms": p.algorithms, "quick": bool(args.quick)},
+                    "algorithms": p.algorithms, "quick": bool(args.quick),
+                    "min_gain": p.min_gain},
         "budget": {"prompts_per_iteration": cfg.train.prompts_per_iteration,
                    "presample_n": cfg.gvm.presample_n,
                    "budget_per_prompt": cfg.gvm.budget_per_prompt,
