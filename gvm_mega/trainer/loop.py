@@ -249,6 +249,7 @@ class Trainer:
         out = {"iteration": it, "samples_total": self.samples_total,
                "tokens_generated": self.tokens_generated,
                "accept_rate_mean": float(np.mean(rates)) if rates else None,
+               "accepted_distinct_frac": accepted_distinct_fraction(drawn),
                "alloc_min": int(samples.min()) if samples.size else None,
                "alloc_max": int(samples.max()) if samples.size else None,
                "lr": self.run.lr, **(step or {"loss": None, "kl": None, "entropy": None}),
@@ -286,6 +287,18 @@ class Trainer:
             self.samples_total = state["samples_total"]
             self.tokens_generated = state["tokens_generated"]
         return loaded.iteration
+
+
+def accepted_distinct_fraction(groups: list[Group]) -> Optional[float]:
+    """Distinct accepted responses within each prompt / accepted responses (None if none).
+
+    Extra samples of a prompt lower the variance of its gradient only when they differ; a
+    low-entropy policy repeats itself, and this says how much.
+    """
+    accepted = [[tuple(s.output_ids) for s, r in zip(g.samples, g.rewards) if r > 0.5]
+                for g in groups]
+    total = sum(len(a) for a in accepted)
+    return sum(len(set(a)) for a in accepted) / total if total else None
 
 
 def merge_groups(first: list[Group], second: list[Group]) -> list[Group]:
