@@ -76,6 +76,30 @@ def test_single_process_run_dir_and_metrics(gvm_run):
     assert "gvm-raft++" in cfg_text and "presample_n: 4" in cfg_text
 
 
+def test_checkpoint_converts_to_hf_with_its_tokenizer(gvm_run, tmp_path):
+    """A training checkpoint carries its tokenizer, so ``convert mcore-to-hf`` gives a directory
+    that loads as a whole (weights, config.json, tokenizer)."""
+    import os
+    import subprocess
+    import sys
+
+    from gvm_mega.tokenizer import load_tokenizer
+
+    from _mcore_helpers import ROOT, read_safetensors_dir
+
+    ckpt = gvm_run / "checkpoints" / "iter_0000002"
+    text = "Compute 3 + 4 - 2.\nStep 1: 3 + 4 = 7\nThe answer is \\boxed{5}."
+    expected = load_tokenizer("builtin").encode(text)
+    assert load_tokenizer(ckpt / "hf").encode(text) == expected
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "gvm_mega", "convert", "mcore-to-hf",
+                           "--mcore", str(ckpt), "--out", str(out)], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert (out / "config.json").is_file() and read_safetensors_dir(out)
+    assert load_tokenizer(out).encode(text) == expected
+
+
 def _first_iteration(run_dir: Path) -> tuple[dict, dict]:
     return metrics(run_dir)[1], allocations(run_dir)[0]
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from gvm_mega.config import ConfigError
 from gvm_mega.config.schema import ModelConfig
+
+if TYPE_CHECKING:
+    from gvm_mega.tokenizer import Tokenizer
 
 __all__ = ["save_mcore_checkpoint", "load_mcore_checkpoint", "read_mcore_metadata",
            "METADATA_FILE", "WEIGHTS_DIR", "HF_SIDE_DIR"]
@@ -37,8 +40,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_mcore_checkpoint(model: torch.nn.Module, out_dir: Union[str, Path],
                           model_cfg: Optional[ModelConfig] = None, *,
-                          hf_side_dir: Optional[Union[str, Path]] = None) -> Path:
-    """Save this rank's share of the weights (collective over the whole world)."""
+                          hf_side_dir: Optional[Union[str, Path]] = None,
+                          tokenizer: Optional["Tokenizer"] = None) -> Path:
+    """Save this rank's share of the weights (collective over the whole world).
+
+    ``hf_side_dir`` (an HF model directory) and ``tokenizer`` are written to ``hf/`` beside the
+    weights, so that ``gvm-mega convert mcore-to-hf`` gives a directory that loads with its
+    tokenizer.
+    """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     import megatron.core
@@ -62,6 +71,8 @@ def save_mcore_checkpoint(model: torch.nn.Module, out_dir: Union[str, Path],
         (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if hf_side_dir:
             copy_hf_side_files(hf_side_dir, out / HF_SIDE_DIR)
+        if tokenizer is not None:
+            tokenizer.save(out / HF_SIDE_DIR)
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(weights))
     dist.barrier()

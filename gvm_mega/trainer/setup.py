@@ -133,7 +133,8 @@ def build_run(cfg: Any, run_dir: Optional[str] = None) -> RunSetup:
     path = Path(from_driver(str(resolve_run_dir(cfg, run_dir)) if driver else None))
     cfg.run.run_dir = str(path)
 
-    checkpoints = CheckpointManager(path / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    checkpoints = CheckpointManager(path / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                    hf_side_dir=cfg.model.hf_path, tokenizer=tokenizer)
     policy = Policy.from_config(cfg, pad_id=tokenizer.pad_token_id or 0)
     resumed = checkpoints.load(policy) if cfg.checkpoint.resume else None
     # the first thing written to the run directory: it marks the directory as a run's

@@ -151,7 +151,7 @@ def _main(argv: Sequence[str]) -> int:
         pairs = sft_pairs(load_prompts(cfg.data.train_path, cfg.data).prompts, template, tokenizer)
         policy = warm_start(cfg, pairs, dp_rank=0, dp_size=1, seed=cfg.run.seed,
                             on_step=lambda step, loss: print(f"step {step} {loss:.6f}", flush=True))
-        save_mcore_checkpoint(policy.module, out_dir, cfg.model)
+        save_mcore_checkpoint(policy.module, out_dir, cfg.model, tokenizer=tokenizer)
         (Path(out_dir) / _DONE).write_text("ok\n")
     finally:
         shutdown()

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from gvm_mega.config import ConfigError
 
 if TYPE_CHECKING:
+    from gvm_mega.tokenizer import Tokenizer
     from gvm_mega.training.step import Policy
 
 __all__ = ["CheckpointManager", "LoadedCheckpoint", "checkpoint_name"]
@@ -125,11 +126,18 @@ class CheckpointManager:
     Every method is collective over the whole world (all ranks call it together).
     """
 
-    def __init__(self, root: Union[str, Path], *, keep_last: int = 2) -> None:
+    def __init__(self, root: Union[str, Path], *, keep_last: int = 2,
+                 hf_side_dir: Optional[Union[str, Path]] = None,
+                 tokenizer: Optional["Tokenizer"] = None) -> None:
+        """``hf_side_dir`` and ``tokenizer`` are saved with every checkpoint's weights (see
+        :func:`~gvm_mega.models.save_mcore_checkpoint`) so each one converts to a complete HF
+        directory."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
+        self.hf_side_dir = hf_side_dir
+        self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------ discovery
     def checkpoints(self) -> list[tuple[int, Path]]:
@@ -177,7 +185,8 @@ class CheckpointManager:
             if has_optimizer:
                 (tmp / OPTIMIZER_DIR).mkdir()
         dist.barrier()
-        save_mcore_checkpoint(policy.module, tmp)
+        save_mcore_checkpoint(policy.module, tmp, hf_side_dir=self.hf_side_dir,
+                              tokenizer=self.tokenizer)
         if has_optimizer:
             model_sd = policy.module.sharded_state_dict()
             dist_checkpointing.save(policy.optimizer.sharded_state_dict(model_sd),
