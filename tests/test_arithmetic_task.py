@@ -108,3 +108,17 @@ def test_prompt_records():
     for p in prompts:
         assert isinstance(p.answer, int) and p.solution.endswith(f"\\boxed{{{p.answer}}}.")
         assert set(p.meta) == {"level", "digits", "ops", "carries"}
+
+
+def test_steps_hold_accepts_true_chained_steps_only(problems):
+    from gvm_mega.data import steps_hold
+
+    assert all(steps_hold(p.solution) for p in problems)  # every worked solution holds
+    assert steps_hold("Step 1: 3 - 9 = -6\nStep 2: -6 + 12 = 6\nThe answer is \\boxed{6}.")
+    assert steps_hold("The answer is \\boxed{4}.")  # no worked steps: nothing to refuse
+    # the right answer through a false step (what an answer-only reward reinforces)
+    assert not steps_hold("Step 1: 8 - 1 = 6\nStep 2: 6 - 2 = 4\nThe answer is \\boxed{4}.")
+    # true equations that do not continue from the previous result
+    assert not steps_hold("Step 1: 4 + 3 = 7\nStep 2: 6 - 2 = 4\nThe answer is \\boxed{4}.")
+    # a step line that is not an equation
+    assert not steps_hold("Step 1: 3 + 7 =  + 1 = 2: 14\nThe answer is \\boxed{14}.")

@@ -128,6 +128,9 @@ def test_missing_file_is_a_clear_error(tmp_path):
     (["rollout.engine=sglang"], "'rollout.urls' must list at least one server"),
     (["gvm.min_samples=5", "gvm.max_samples=4"], "'gvm.min_samples' (5) must not exceed 'gvm.max_samples' (4)"),
     (["optim.lr=1e-6", "optim.min_lr=1e-5"], "'optim.min_lr' (1e-05) must not exceed"),
+    (["reward.check_steps=true", "data.train_path=math.jsonl"],
+     "'reward.check_steps' checks the built-in task's worked steps; 'data.train_path' is "
+     "'math.jsonl'"),
 ])
 def test_cross_key_checks(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -250,6 +250,9 @@ def validate(cfg: Config) -> Config:
     if cfg.algorithm.prompt_weight != "pooled" and cfg.algorithm.name == "raft":
         raise ConfigError("'algorithm.prompt_weight' must be 'pooled' for 'raft' (plain SFT on "
                           "accepted samples has no per-sample weights); use raft++")
+    if cfg.reward.check_steps and not str(cfg.data.train_path).startswith("builtin:arithmetic"):
+        raise ConfigError(f"'reward.check_steps' checks the built-in task's worked steps; "
+                          f"'data.train_path' is {cfg.data.train_path!r}, not builtin:arithmetic")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"'optim.min_lr' ({cfg.optim.min_lr}) must not exceed "
                           f"'optim.lr' ({cfg.optim.lr})")

@@ -126,6 +126,10 @@ class RewardConfig:
     max_answer_chars: int = option(1000, ge=1, help="longer extracted answers score 0 unverified")
     memory_mb: int = option(4096, ge=0, help="address-space cap per verifier worker (0: none)")
     cache_size: int = option(100000, ge=0, help="(answer, gold) verdicts kept in the cache")
+    check_steps: bool = option(
+        False, help="built-in task: a training sample also needs every 'Step k: a op b = c' "
+                    "line true, each starting from the last result (a right answer after a "
+                    "wrong step scores 0); evaluation scores answers only")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from gvm_mega.data.arithmetic import (
     Difficulty,
     arithmetic_prompts,
     generate_problems,
+    steps_hold,
 )
 from gvm_mega.data.loader import BUILTIN_SOURCES, filter_by_length, load_prompts
 from gvm_mega.data.readers import read_prompts
@@ -31,4 +32,4 @@ __all__ = ["BUILTIN_SOURCES", "COT_INSTRUCTION", "LEVELS", "TEMPLATE_NAMES", "Ar
            "DataError", "Difficulty", "HFChatTemplate", "PlainTemplate", "Prompt", "PromptSet",
            "PromptStream", "PromptTemplate", "QwenMathCoTTemplate", "ReadStats", "TemplateError",
            "arithmetic_prompts", "build_template", "content_id", "filter_by_length",
-           "generate_problems", "load_prompts", "read_chat_template", "read_prompts"]
+           "generate_problems", "load_prompts", "read_chat_template", "read_prompts", "steps_hold"]

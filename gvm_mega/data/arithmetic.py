@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
@@ -119,6 +120,29 @@ def make_problem(rng: random.Random, level: int, *, attempts: int = 200) -> Arit
     lines.append(f"The answer is \\boxed{{{value}}}.")
     return ArithmeticProblem(problem=f"Compute {expression}.", solution="\n".join(lines),
                              answer=value, level=level, difficulty=d, carries=carries)
+
+
+_STEP = re.compile(r"^Step \d+:(.*)$", re.MULTILINE)
+_EQUATION = re.compile(r"\s*(-?\d+) ([+-]) (-?\d+) = (-?\d+)\s*")
+
+
+def steps_hold(response: str) -> bool:
+    """Whether every ``Step k: a op b = c`` line of a response is a true equation that starts
+    from the previous step's result.
+
+    A small policy often reaches the right answer through wrong steps (``8 - 1 = 6``, then the
+    right total); an answer-only reward reinforces those. Responses without step lines hold.
+    """
+    previous = None
+    for step in _STEP.finditer(response):
+        m = _EQUATION.fullmatch(step.group(1))
+        if m is None:
+            return False
+        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        if (a + b if op == "+" else a - b) != c or (previous is not None and a != previous):
+            return False
+        previous = c
+    return True
 
 
 def split_of(problem_text: str) -> Split:

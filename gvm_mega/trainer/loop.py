@@ -194,7 +194,8 @@ class Trainer:
         run = self.run
         groups = sample_and_score(run.engine, run.scorer, run.tokenizer, prompts,
                                   [run.encode(p) for p in prompts], counts, run.sampling,
-                                  seed=self.cfg.run.seed, iteration=it, stage=stage)
+                                  seed=self.cfg.run.seed, iteration=it, stage=stage,
+                                  check_steps=self.cfg.reward.check_steps)
         self.samples_total += sum(len(g.samples) for g in groups)
         self.tokens_generated += sum(len(s.output_ids) for g in groups for s in g.samples)
         return groups
@@ -250,6 +251,7 @@ class Trainer:
                "tokens_generated": self.tokens_generated,
                "accept_rate_mean": float(np.mean(rates)) if rates else None,
                "accepted_distinct_frac": accepted_distinct_fraction(drawn),
+               "unsound_frac": unsound_fraction(drawn) if self.cfg.reward.check_steps else None,
                "alloc_min": int(samples.min()) if samples.size else None,
                "alloc_max": int(samples.max()) if samples.size else None,
                "lr": self.run.lr, **(step or {"loss": None, "kl": None, "entropy": None}),
@@ -301,7 +303,14 @@ def accepted_distinct_fraction(groups: list[Group]) -> Optional[float]:
     return sum(len(set(a)) for a in accepted) / total if total else None
 
 
+def unsound_fraction(groups: list[Group]) -> Optional[float]:
+    """Right answers refused for a false worked step / right answers (None if none)."""
+    unsound = sum(g.unsound for g in groups)
+    right = unsound + sum(g.num_accepted for g in groups)
+    return unsound / right if right else None
+
+
 def merge_groups(first: list[Group], second: list[Group]) -> list[Group]:
     """Stage-1 and stage-2 samples of each prompt as one group (reuse of pre-sampling)."""
-    return [Group(a.prompt, a.prompt_ids, a.samples + b.samples, a.rewards + b.rewards)
-            for a, b in zip(first, second)]
+    return [Group(a.prompt, a.prompt_ids, a.samples + b.samples, a.rewards + b.rewards,
+                  a.unsound + b.unsound) for a, b in zip(first, second)]

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from gvm_mega.data import Prompt
+from gvm_mega.data import Prompt, steps_hold
 from gvm_mega.rollout import RolloutRequest, Sample, SamplingParams
 
 
@@ -20,6 +20,7 @@ class Group:
     prompt_ids: list[int]
     samples: list[Sample] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    unsound: int = 0  # right answers scored 0 because a worked step was false (check_steps)
 
     @property
     def num_accepted(self) -> int:
@@ -39,8 +40,9 @@ def stage_seed(seed: int, iteration: int, stage: str, prompt_id: str) -> int:
 def sample_and_score(engine: Any, scorer: Any, tokenizer: Any, prompts: Sequence[Prompt],
                      prompt_ids: Sequence[list[int]], counts: Sequence[int],
                      sampling: SamplingParams, *, seed: int, iteration: int,
-                     stage: str) -> list[Group]:
-    """``counts[i]`` verified responses for prompt i (a group may be empty)."""
+                     stage: str, check_steps: bool = False) -> list[Group]:
+    """``counts[i]`` verified responses for prompt i (a group may be empty); with
+    ``check_steps`` a right answer reached through a false worked step scores 0."""
     requests = [RolloutRequest(ids, n=int(n), sampling=sampling.replace(
                     sampling_seed=stage_seed(seed, iteration, stage, p.id)))
                 for p, ids, n in zip(prompts, prompt_ids, counts)]
@@ -53,6 +55,9 @@ def sample_and_score(engine: Any, scorer: Any, tokenizer: Any, prompts: Sequence
             golds.append(g.prompt.answer)
             owners.append(g)
     rewards = scorer.score(texts, golds) if texts else []
-    for g, r in zip(owners, rewards):
+    for g, r, text in zip(owners, rewards, texts):
+        if check_steps and r > 0.5 and not steps_hold(text):
+            g.unsound += 1
+            r = 0.0
         g.rewards.append(float(r))
     return groups
