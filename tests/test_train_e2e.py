@@ -72,6 +72,7 @@ def test_single_process_run_dir_and_metrics(gvm_run):
         assert row["variance_ratio"] > 0 and math.isfinite(row["loss"])
         assert row["entropy"] > 0 and row["lr"] > 0 and row["kl"] is None
         assert 0 < row["accepted_distinct_frac"] <= 1
+        assert row["unsound_frac"] is None  # reward.check_steps is off
     cfg_text = (gvm_run / "config.yaml").read_text()
     assert "gvm-raft++" in cfg_text and "presample_n: 4" in cfg_text
 
