@@ -253,6 +253,25 @@ def test_prompt_mean_weights_every_prompt_alike():
     assert sample_advantages(pp, [0, 0], [0, 1])[1].numel() == 0  # nothing accepted
 
 
+def test_per_draw_weighs_a_prompt_by_its_acceptance_rate():
+    """per-draw: kept samples weigh (samples / prompts) / samples of their prompt, so a
+    prompt's total weight is its acceptance rate times the mean draw, whatever its n_i."""
+    pd = LossSpec.from_config(AlgorithmConfig(name="gvm-raft++", prompt_weight="per-draw"))
+    # prompt 0: 2 accepted of 8 drawn; prompt 1: 2 of 2; prompt 2: 0 of 2 (12 over 3: mean 4)
+    rewards = [1, 1] + [0] * 6 + [1, 1, 0, 0]
+    groups = [0] * 8 + [1] * 2 + [2] * 2
+    keep, adv = sample_advantages(pd, rewards, groups)
+    assert keep.tolist() == [True, True] + [False] * 6 + [True, True, False, False]
+    assert adv.tolist() == pytest.approx([0.5, 0.5, 2.0, 2.0])
+    # total weight per prompt = 4 x acceptance rate: 4 x 2/8 = 1 and 4 x 2/2 = 4
+    assert float(adv[:2].sum()) == pytest.approx(1.0) and float(adv[2:].sum()) == pytest.approx(4.0)
+    # equal draws: the same as pooled
+    pooled = LossSpec.from_config(AlgorithmConfig(name="gvm-raft++"))
+    assert sample_advantages(pd, [1, 0, 1, 1], [0, 0, 1, 1])[1].tolist() == \
+        sample_advantages(pooled, [1, 0, 1, 1], [0, 0, 1, 1])[1].tolist()
+    assert sample_advantages(pd, [0, 0], [0, 1])[1].numel() == 0  # nothing accepted
+
+
 def test_prompt_mean_is_refused_for_plain_raft():
     from gvm_mega.config import ConfigError, load_config
 

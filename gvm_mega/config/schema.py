@@ -163,9 +163,11 @@ class AlgorithmConfig:
     kl_coef: float = option(0.0, ge=0, help="KL penalty to the frozen reference policy")
     entropy_coef: float = option(0.0, help="entropy bonus")
     loss_agg: Literal["token-mean", "seq-mean"] = option("token-mean")
-    prompt_weight: Literal["pooled", "prompt-mean"] = option(
+    prompt_weight: Literal["pooled", "prompt-mean", "per-draw"] = option(
         "pooled", help="pooled: each kept sample weighs alike, so a prompt weighs by its count; "
-                       "prompt-mean: each prompt weighs alike (RAFT++/GRPO)")
+                       "prompt-mean: each prompt weighs alike; per-draw: samples weigh "
+                       "1/n_i, so a prompt weighs by its acceptance rate whatever n_i "
+                       "(RAFT++/GRPO)")
     grpo_std_norm: bool = option(True, help="False gives Dr.GRPO (no std normalisation)")
     ppo_epochs: int = option(1, ge=1)
     mini_batches: int = option(1, ge=1, help="optimizer steps per iteration per epoch")

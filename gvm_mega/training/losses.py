@@ -293,7 +293,7 @@ class LossSpec:
     entropy_coef: float = 0.0
     agg: Aggregation = "token-mean"
     std_norm: bool = True
-    prompt_weight: Literal["pooled", "prompt-mean"] = "pooled"
+    prompt_weight: Literal["pooled", "prompt-mean", "per-draw"] = "pooled"
 
     @classmethod
     def from_config(cls, algo: "AlgorithmConfig") -> "LossSpec":
@@ -321,6 +321,11 @@ def sample_advantages(spec: LossSpec, rewards: torch.Tensor | Sequence[float],
     ``(kept / prompts with any kept) / kept of its prompt``: every prompt then carries the
     same total weight whatever its sample count (the per-prompt normalisation of the
     estimator that GVM's variance formula describes), and the mean weight stays 1.
+
+    With ``prompt_weight="per-draw"`` it is scaled by ``(samples / prompts) / samples of its
+    prompt`` (drawn, kept or not): a prompt then weighs by its acceptance rate whatever its
+    n_i, so in expectation the update is the one uniform sampling gives (for RAFT++ the
+    gradient of mean accuracy) and an allocation changes only its variance.
     """
     r = torch.as_tensor(rewards, dtype=torch.float64).flatten()
     gid = torch.as_tensor(group_ids, dtype=torch.int64).flatten()
@@ -335,6 +340,10 @@ def sample_advantages(spec: LossSpec, rewards: torch.Tensor | Sequence[float],
         _, inverse, counts = torch.unique(kept_groups, return_inverse=True, return_counts=True)
         scale = (kept_groups.numel() / counts.numel()) / counts[inverse].to(torch.float64)
         adv = (adv.to(torch.float64) * scale).to(adv.dtype)
+    elif spec.prompt_weight == "per-draw" and adv.numel():
+        _, inverse, counts = torch.unique(gid, return_inverse=True, return_counts=True)
+        scale = (gid.numel() / counts.numel()) / counts[inverse].to(torch.float64)
+        adv = (adv.to(torch.float64) * scale[keep]).to(adv.dtype)
     return keep, adv
 
 
