@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from gvm_mega.data import LEVELS, arithmetic_prompts, generate_problems
-from gvm_mega.data.arithmetic import column_carries, split_of
+from gvm_mega.data.arithmetic import column_carries, split_of, valid_orders
 from gvm_mega.reward import extract_answer
 
 STEP = re.compile(r"^Step (\d+): (\d+) ([+-]) (\d+) = (-?\d+)$")
@@ -122,3 +122,47 @@ def test_steps_hold_accepts_true_chained_steps_only(problems):
     assert not steps_hold("Step 1: 4 + 3 = 7\nStep 2: 6 - 2 = 4\nThe answer is \\boxed{4}.")
     # a step line that is not an equation
     assert not steps_hold("Step 1: 3 + 7 =  + 1 = 2: 14\nThe answer is \\boxed{14}.")
+
+
+def test_any_order_solutions_are_true_paths_of_the_same_problems(problems):
+    """Same problems and answers as in-order; each worked solution adds the problem's signed
+    terms in some order, never below zero, and the orders vary over problems."""
+    from gvm_mega.data import steps_hold
+
+    any_order = generate_problems(1500, seed=11, solutions="any-order")
+    assert [(p.problem, p.answer, p.level) for p in any_order] == \
+           [(p.problem, p.answer, p.level) for p in problems]
+    reordered = 0
+    for fixed, p in zip(problems, any_order):
+        expression = p.problem.removeprefix("Compute ").removesuffix(".").split()
+        terms = [int(expression[0])] + [int(b) if op == "+" else -int(b)
+                                         for op, b in zip(expression[1::2], expression[2::2])]
+        lines = p.solution.split("\n")
+        assert lines[-1] == f"The answer is \\boxed{{{p.answer}}}." and steps_hold(p.solution)
+        steps = [STEP.match(line) for line in lines[:-1]]
+        assert all(steps) and len(steps) == p.difficulty.ops
+        used = [int(steps[0].group(2))] + [int(m.group(4)) * (1 if m.group(3) == "+" else -1)
+                                           for m in steps]
+        assert sorted(used) == sorted(terms) and used[0] > 0
+        assert all(int(m.group(5)) >= 0 for m in steps)
+        reordered += p.solution != fixed.solution
+    assert reordered > len(problems) // 2
+    for p in any_order[:200]:  # the other correct paths: every valid order once, all true
+        paths = (p.solution,) + p.other_solutions
+        assert len(set(paths)) == len(paths) and all(steps_hold(s) for s in paths)
+        assert {extract_answer(s) for s in paths} == {str(p.answer)}
+    assert max(len(p.other_solutions) for p in any_order) >= 5
+    assert all(not p.other_solutions for p in problems)
+    # the order is a function of the problem text: other seeds and sizes agree on shared problems
+    other = {p.problem: p.solution for p in generate_problems(1500, seed=12, solutions="any-order")}
+    shared = [p for p in any_order if p.problem in other]
+    assert len(shared) > 20 and all(other[p.problem] == p.solution for p in shared)
+    with pytest.raises(ValueError, match="unknown solution style 'random'"):
+        generate_problems(3, solutions="random")
+
+
+def test_valid_orders_by_hand():
+    assert valid_orders([3, 5, -2]) == [[3, -2, 5], [3, 5, -2], [5, -2, 3], [5, 3, -2]]
+    assert valid_orders([1, -1]) == [[1, -1]]
+    assert valid_orders([2, 2]) == [[2, 2]]  # equal terms: one distinct order
+    assert valid_orders([4, -3, -1]) == [[4, -3, -1], [4, -1, -3]]

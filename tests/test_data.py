@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -212,6 +213,9 @@ def test_load_prompts_builtin_and_length_filter(tmp_path):
     assert len(train) == 60 and len(test) == 20
     assert not set(p.problem for p in train) & set(p.problem for p in test)
     assert load_prompts("builtin:arithmetic", cfg).ids == train.ids
+    any_order = load_prompts("builtin:arithmetic", replace(cfg, arithmetic_solutions="any-order"))
+    assert [(p.id, p.problem) for p in any_order] == [(p.id, p.problem) for p in train]
+    assert [p.solution for p in any_order] != [p.solution for p in train]
     with pytest.raises(DataError, match="unknown built-in data source 'builtin:algebra'"):
         load_prompts("builtin:algebra", cfg)
 

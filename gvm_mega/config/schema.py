@@ -79,6 +79,9 @@ class DataConfig:
     arithmetic_seed: int = option(0, ge=0, help="seed of the built-in task's problems")
     arithmetic_min_level: int = option(0, ge=0, le=9, help="easiest built-in difficulty level")
     arithmetic_max_level: int = option(9, ge=0, le=9, help="hardest built-in difficulty level")
+    arithmetic_solutions: Literal["in-order", "any-order"] = option(
+        "in-order", help="built-in worked solutions: left to right (one correct path per "
+                         "problem), or terms in any order (several)")
 
 
 @dataclass

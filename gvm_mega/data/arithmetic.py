@@ -8,10 +8,18 @@ and the hardest almost never — the spread of acceptance rates that GVM allocat
 Generation is deterministic in ``seed``. The train and test splits are disjoint by
 construction: a problem belongs to the test split exactly when a hash of its text falls in a
 fixed bucket, whatever the seeds and sizes.
+
+Worked solutions come in two styles. ``in-order`` applies the operations left to right, so
+each problem has one correct worked solution. ``any-order`` takes the signed terms in an
+order picked per problem among those whose running totals stay non-negative
+(``3 + 5 - 2`` may be worked as ``5 - 2 = 3, 3 + 3 = 6``): a policy warm-started on it
+knows several correct paths per problem, so its correct responses differ from one another.
+The problems, answers and splits are the same in both styles.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -20,6 +28,8 @@ from typing import Literal, Optional, Sequence
 from gvm_mega.data.records import Prompt
 
 Split = Literal["train", "test"]
+SolutionStyle = Literal["in-order", "any-order"]
+SOLUTION_STYLES: tuple[str, ...] = ("in-order", "any-order")
 
 TEST_BUCKETS = 8  # one problem text in 8 belongs to the test split
 
@@ -57,6 +67,7 @@ class ArithmeticProblem:
     level: int
     difficulty: Difficulty
     carries: int
+    other_solutions: tuple[str, ...] = ()  # further correct paths (``any-order`` only)
 
 
 def column_carries(a: int, b: int, op: str) -> int:
@@ -99,8 +110,10 @@ def _draw(rng: random.Random, d: Difficulty) -> tuple[list[int], list[str], int]
     return operands, ops, carries
 
 
-def make_problem(rng: random.Random, level: int, *, attempts: int = 200) -> ArithmeticProblem:
-    """A problem at ``LEVELS[level]``, drawn until its carry count hits the target."""
+def make_problem(rng: random.Random, level: int, *, attempts: int = 200,
+                 solutions: SolutionStyle = "in-order") -> ArithmeticProblem:
+    """A problem at ``LEVELS[level]``, drawn until its carry count hits the target; its worked
+    solution in the style ``solutions`` (the style does not change what ``rng`` draws)."""
     d = LEVELS[level]
     best = None
     for _ in range(attempts):
@@ -111,15 +124,40 @@ def make_problem(rng: random.Random, level: int, *, attempts: int = 200) -> Arit
             break
     operands, ops, carries = best
     expression = str(operands[0]) + "".join(f" {op} {b}" for op, b in zip(ops, operands[1:]))
+    problem = f"Compute {expression}."
+    terms = [operands[0]] + [b if op == "+" else -b for op, b in zip(ops, operands[1:])]
+    others: list[list[int]] = []
+    if solutions == "any-order":
+        orders = valid_orders(terms)
+        terms = random.Random(f"gvm-mega-arithmetic-order:{problem}").choice(orders)
+        others = [order for order in orders if order != terms]
+    elif solutions != "in-order":
+        raise ValueError(f"unknown solution style {solutions!r}; expected one of {SOLUTION_STYLES}")
+    return ArithmeticProblem(problem=problem, solution=worked_solution(terms),
+                             answer=sum(terms), level=level, difficulty=d, carries=carries,
+                             other_solutions=tuple(worked_solution(o) for o in others))
+
+
+def worked_solution(terms: Sequence[int]) -> str:
+    """``Step k: total op |term| = new`` lines adding ``terms`` in order, then the boxed total."""
     lines = []
-    value = operands[0]
-    for step, (op, b) in enumerate(zip(ops, operands[1:]), start=1):
-        new = value + b if op == "+" else value - b
-        lines.append(f"Step {step}: {value} {op} {b} = {new}")
+    value = terms[0]
+    for step, term in enumerate(terms[1:], start=1):
+        new = value + term
+        lines.append(f"Step {step}: {value} {'+' if term >= 0 else '-'} {abs(term)} = {new}")
         value = new
     lines.append(f"The answer is \\boxed{{{value}}}.")
-    return ArithmeticProblem(problem=f"Compute {expression}.", solution="\n".join(lines),
-                             answer=value, level=level, difficulty=d, carries=carries)
+    return "\n".join(lines)
+
+
+def valid_orders(terms: Sequence[int]) -> list[list[int]]:
+    """The distinct orders of ``terms`` that start with a positive term and keep every running
+    total non-negative (the written order always qualifies), sorted."""
+    valid = []
+    for order in sorted(set(itertools.permutations(terms))):
+        if order[0] > 0 and all(t >= 0 for t in itertools.accumulate(order)):
+            valid.append(list(order))
+    return valid
 
 
 _STEP = re.compile(r"^Step \d+:(.*)$", re.MULTILINE)
@@ -152,8 +190,10 @@ def split_of(problem_text: str) -> Split:
 
 
 def generate_problems(n: int, *, seed: int = 0, split: Split = "train",
-                      levels: Optional[Sequence[int]] = None) -> list[ArithmeticProblem]:
-    """``n`` distinct problems of ``split``, levels drawn uniformly from ``levels``."""
+                      levels: Optional[Sequence[int]] = None,
+                      solutions: SolutionStyle = "in-order") -> list[ArithmeticProblem]:
+    """``n`` distinct problems of ``split``, levels drawn uniformly from ``levels``, with
+    worked solutions in the style ``solutions``."""
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
     levels = list(range(len(LEVELS))) if levels is None else list(levels)
@@ -166,7 +206,7 @@ def generate_problems(n: int, *, seed: int = 0, split: Split = "train",
     out: list[ArithmeticProblem] = []
     misses = 0  # in a row: a long run of repeats means the levels hold too few problems
     while len(out) < n:
-        problem = make_problem(rng, rng.choice(levels))
+        problem = make_problem(rng, rng.choice(levels), solutions=solutions)
         if problem.problem in seen or split_of(problem.problem) != split:
             misses += 1
             if misses > 20_000:
@@ -181,12 +221,14 @@ def generate_problems(n: int, *, seed: int = 0, split: Split = "train",
 
 
 def arithmetic_prompts(n: int, *, seed: int = 0, split: Split = "train",
-                       levels: Optional[Sequence[int]] = None) -> list[Prompt]:
+                       levels: Optional[Sequence[int]] = None,
+                       solutions: SolutionStyle = "in-order") -> list[Prompt]:
     """The task as :class:`Prompt` records (ids ``arithmetic-<split>-<seed>-<index>``)."""
     return [
         Prompt(id=f"arithmetic-{split}-{seed}-{i}", problem=p.problem, answer=p.answer,
-               solution=p.solution,
+               solution=p.solution, other_solutions=p.other_solutions,
                meta={"level": p.level, "digits": p.difficulty.digits, "ops": p.difficulty.ops,
                      "carries": p.carries})
-        for i, p in enumerate(generate_problems(n, seed=seed, split=split, levels=levels))
+        for i, p in enumerate(generate_problems(n, seed=seed, split=split, levels=levels,
+                                                solutions=solutions))
     ]

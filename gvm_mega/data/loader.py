@@ -27,7 +27,8 @@ def _builtin(spec: str, cfg: Any) -> PromptSet:
                         f"data.arithmetic_max_level ({cfg.arithmetic_max_level})")
     levels = range(cfg.arithmetic_min_level, cfg.arithmetic_max_level + 1)
     try:
-        prompts = arithmetic_prompts(size, seed=cfg.arithmetic_seed, split=split, levels=levels)
+        prompts = arithmetic_prompts(size, seed=cfg.arithmetic_seed, split=split, levels=levels,
+                                     solutions=cfg.arithmetic_solutions)
     except ValueError as exc:
         key = "arithmetic_test_size" if split == "test" else "arithmetic_train_size"
         raise DataError(f"{spec}: {exc} (data.{key}={size}, data.arithmetic_min_level.."

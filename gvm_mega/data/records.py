@@ -15,7 +15,9 @@ class Prompt:
     """One training or evaluation prompt.
 
     ``answer`` is the gold answer exactly as the dataset stores it (any JSON type; the reward
-    normalises it). ``solution`` is a worked solution when the dataset has one.
+    normalises it). ``solution`` is a worked solution when the dataset has one;
+    ``other_solutions`` are further correct ones (the warm start draws among all of them, so a
+    problem with several solution paths teaches several).
     """
 
     id: str
@@ -23,6 +25,7 @@ class Prompt:
     answer: Any
     solution: Optional[str] = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    other_solutions: tuple[str, ...] = ()
 
 
 def content_id(problem: str) -> str:

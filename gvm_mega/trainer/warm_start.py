@@ -29,20 +29,27 @@ WARM_START_DIR = "warm_start"
 _DONE = "COMPLETE"
 
 
-def sft_pairs(prompts: Sequence[Prompt], template: Any, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, solution ids + EOS) for every prompt that has a worked solution."""
+SFTExample = tuple[list[int], list[list[int]]]
+
+
+def sft_pairs(prompts: Sequence[Prompt], template: Any, tokenizer: Any) -> list[SFTExample]:
+    """(prompt ids, [ids + EOS of each worked solution]) for every prompt that has one."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pairs = []
     for p in prompts:
         if p.solution:
+            solutions = (p.solution,) + tuple(s for s in p.other_solutions if s)
             pairs.append((tokenizer.encode_prompt(template.render(p.problem)),
-                          tokenizer.encode(p.solution) + eos))
+                          [tokenizer.encode(s) + eos for s in solutions]))
     return pairs
 
 
-def warm_start(cfg: Any, pairs: Sequence[tuple[list[int], list[int]]], *, dp_rank: int,
-               dp_size: int, seed: int, on_step: Callable[[int, float], None] | None = None) -> Policy:
-    """A policy trained with SFT for ``train.warmup_steps`` steps at ``train.warmup_lr``."""
+def warm_start(cfg: Any, pairs: Sequence[SFTExample], *, dp_rank: int, dp_size: int, seed: int,
+               on_step: Callable[[int, float], None] | None = None) -> Policy:
+    """A policy trained with SFT for ``train.warmup_steps`` steps at ``train.warmup_lr``.
+
+    Each visit of a problem with several worked solutions trains on one drawn at random (from
+    a stream of its own, so problems with one solution see the same batches either way)."""
     if not pairs:
         raise ValueError("the warm start needs prompts with worked solutions "
                          "(set train.warmup_steps=0 for data without them)")
@@ -52,6 +59,7 @@ def warm_start(cfg: Any, pairs: Sequence[tuple[list[int], list[int]]], *, dp_ran
                     micro_batch_tokens=cfg.parallel.micro_batch_tokens,
                     total_steps=cfg.train.warmup_steps)
     rng = random.Random(seed)
+    pick = random.Random(f"{seed}:solutions")
     order: list[int] = []
     size = cfg.train.warmup_batch_size
     for step in range(cfg.train.warmup_steps):
@@ -60,13 +68,18 @@ def warm_start(cfg: Any, pairs: Sequence[tuple[list[int], list[int]]], *, dp_ran
             rng.shuffle(epoch)
             order.extend(epoch)
         batch, order = order[:size], order[size:]
-        mine = [pairs[i] for i in batch[dp_rank::dp_size]]
+        drawn = [(pairs[i][0], _one_solution(pairs[i][1], pick)) for i in batch]
+        mine = drawn[dp_rank::dp_size]
         report = policy.train_step(SampleBatch(
             sequences=[p + r for p, r in mine], prompt_lengths=[len(p) for p, _ in mine],
             advantages=[1.0] * len(mine)))
         if on_step is not None:
             on_step(step, report.loss)
     return policy
+
+
+def _one_solution(solutions: Sequence[list[int]], pick: random.Random) -> list[int]:
+    return solutions[0] if len(solutions) == 1 else pick.choice(solutions)
 
 
 # ----------------------------------------------------------------- one process, any layout
