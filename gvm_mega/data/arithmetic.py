@@ -10,11 +10,12 @@ construction: a problem belongs to the test split exactly when a hash of its tex
 fixed bucket, whatever the seeds and sizes.
 
 Worked solutions come in two styles. ``in-order`` applies the operations left to right, so
-each problem has one correct worked solution. ``any-order`` takes the signed terms in an
-order picked per problem among those whose running totals stay non-negative
-(``3 + 5 - 2`` may be worked as ``5 - 2 = 3, 3 + 3 = 6``): a policy warm-started on it
-knows several correct paths per problem, so its correct responses differ from one another.
-The problems, answers and splits are the same in both styles.
+each problem has one correct worked solution. ``any-order`` writes the signed terms in
+every order whose running totals stay non-negative (``3 + 5 - 2`` may also be worked as
+``5 - 2 = 3, 3 + 3 = 6``): one, picked by a hash of the problem, as ``solution`` and the rest
+as ``other_solutions``. A policy warm-started on all of them knows several correct paths per
+problem, so its correct responses differ from one another. The problems, answers and splits
+are the same in both styles.
 """
 from __future__ import annotations
 
