@@ -77,28 +77,63 @@ def test_single_process_run_dir_and_metrics(gvm_run):
     assert "gvm-raft++" in cfg_text and "presample_n: 4" in cfg_text
 
 
-def test_checkpoint_converts_to_hf_with_its_tokenizer(gvm_run, tmp_path):
-    """A training checkpoint carries its tokenizer, so ``convert mcore-to-hf`` gives a directory
-    that loads as a whole (weights, config.json, tokenizer)."""
+TOKENIZER_PROBE = "Compute 3 + 4 - 2.\nStep 1: 3 + 4 = 7\nThe answer is \\boxed{5}."
+
+
+@pytest.fixture(scope="module")
+def converted_hf(gvm_run, tmp_path_factory):
+    """``gvm-mega convert mcore-to-hf`` of the reference run's last checkpoint."""
     import os
     import subprocess
     import sys
 
+    from _mcore_helpers import ROOT
+
+    out = tmp_path_factory.mktemp("converted") / "hf"
+    proc = subprocess.run([sys.executable, "-m", "gvm_mega", "convert", "mcore-to-hf",
+                           "--mcore", str(gvm_run / "checkpoints" / "iter_0000002"),
+                           "--out", str(out)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return out
+
+
+def test_checkpoint_converts_to_hf_with_its_tokenizer(gvm_run, converted_hf):
+    """A training checkpoint carries its tokenizer, so ``convert mcore-to-hf`` gives a directory
+    that loads as a whole (weights, config.json, tokenizer)."""
     from gvm_mega.tokenizer import load_tokenizer
 
-    from _mcore_helpers import ROOT, read_safetensors_dir
+    from _mcore_helpers import read_safetensors_dir
 
+    expected = load_tokenizer("builtin").encode(TOKENIZER_PROBE)
     ckpt = gvm_run / "checkpoints" / "iter_0000002"
-    text = "Compute 3 + 4 - 2.\nStep 1: 3 + 4 = 7\nThe answer is \\boxed{5}."
-    expected = load_tokenizer("builtin").encode(text)
-    assert load_tokenizer(ckpt / "hf").encode(text) == expected
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "gvm_mega", "convert", "mcore-to-hf",
-                           "--mcore", str(ckpt), "--out", str(out)], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert (out / "config.json").is_file() and read_safetensors_dir(out)
-    assert load_tokenizer(out).encode(text) == expected
+    assert load_tokenizer(ckpt / "hf").encode(TOKENIZER_PROBE) == expected
+    assert (converted_hf / "config.json").is_file() and read_safetensors_dir(converted_hf)
+    assert load_tokenizer(converted_hf).encode(TOKENIZER_PROBE) == expected
+
+
+def test_training_from_an_hf_directory_equals_its_source_checkpoint(tiny, gvm_run, converted_hf):
+    """``model.hf_path`` (architecture from config.json, weights, tokenizer) starts training
+    exactly where ``checkpoint.load`` of the checkpoint it was converted from does, and the
+    run's own checkpoints keep the HF side files."""
+    from gvm_mega.tokenizer import load_tokenizer
+
+    root, config, _ = tiny
+    from_ckpt, from_hf = root / "from-ckpt", root / "from-hf"
+    ckpt = gvm_run / "checkpoints" / "iter_0000002"
+    assert run_in_process(config, from_ckpt, [f"checkpoint.load={ckpt}", "train.iterations=1"]) == 0
+    assert run_in_process(config, from_hf, [f"model.hf_path={converted_hf}",
+                                            "train.iterations=1"]) == 0
+    ref_row, ref_alloc = _first_iteration(from_ckpt)
+    row, alloc = _first_iteration(from_hf)
+    assert alloc["samples"] == ref_alloc["samples"] and alloc["accept_rate"] == ref_alloc["accept_rate"]
+    for pid, g in ref_alloc["grad_norm"].items():
+        assert alloc["grad_norm"][pid] == pytest.approx(g, rel=1e-5, abs=1e-6)
+    assert row["tokens_generated"] == ref_row["tokens_generated"]
+    assert row["loss"] == pytest.approx(ref_row["loss"], rel=1e-4, abs=1e-6)
+    side = from_hf / "checkpoints" / "iter_0000001" / "hf"
+    assert (side / "config.json").is_file()
+    assert load_tokenizer(side).encode(TOKENIZER_PROBE) == load_tokenizer("builtin").encode(TOKENIZER_PROBE)
 
 
 def _first_iteration(run_dir: Path) -> tuple[dict, dict]:
