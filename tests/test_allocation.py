@@ -121,6 +121,67 @@ def test_worked_example():
     assert n.tolist() == [3, 6]
 
 
+# --- reused stage-1 samples counted (drawn > 0) ------------------------------------------
+
+def test_drawn_samples_count_toward_the_rule():
+    # alpha = 0, w ~ [4, 2, 1]; 8 pre-samples each and 8 new: the totals 8 + n_i follow
+    # lam * w floored at 8, so lam = 4 gives [16, 8, 8] and every new sample goes to the first
+    n = allocate([1.0, 1.0, 1.0], [1 / 16, 0.25, 1.0], 8, alpha=0.0, drawn=8)
+    assert n.tolist() == [8, 0, 0]
+    # without counting them the new samples alone follow w: [4.57, 2.29, 1.14]
+    assert allocate([1.0, 1.0, 1.0], [1 / 16, 0.25, 1.0], 8, alpha=0.0).tolist() == [5, 2, 1]
+    # a budget that lifts every total above the floor: totals 2 + n_i = 7 w = [28, 14, 7]
+    res = allocate_detailed([1.0, 1.0, 1.0], [1 / 16, 0.25, 1.0], 43, alpha=0.0, drawn=2)
+    assert res.samples.tolist() == [26, 12, 5]
+    assert res.continuous == pytest.approx([26.0, 12.0, 5.0])
+
+
+@PROPS
+@given(positive_stats(), st.integers(0, 400), st.integers(1, 16), st.sampled_from([None, 20]))
+def test_drawn_shares_minimise_the_variance_of_the_totals(stats, budget, drawn, cap):
+    """KKT conditions of min sum G^2 / ((drawn + n) p) over n >= 0, n <= cap, sum n = budget:
+    every prompt strictly inside its bounds has the same (drawn + n_i) / w_i = lam; one at 0
+    has drawn / w_i >= lam, one at the cap has (drawn + cap) / w_i <= lam."""
+    g, p = stats
+    assume(cap is None or budget <= cap * g.size)
+    res = allocate_detailed(g, p, budget, alpha=0.0, drawn=drawn, max_samples=cap)
+    x = res.continuous
+    assert res.samples.sum() == budget and (res.samples >= 0).all()
+    assert x.sum() == pytest.approx(budget, abs=1e-6)
+    assert (np.abs(res.samples - x) < 1).all()
+    w = g / np.sqrt(p)
+    ratio = (drawn + x) / w
+    tol = 1e-7 * (1 + budget + drawn)
+    inside = (x > tol) if cap is None else (x > tol) & (x < cap - tol)
+    if inside.any():
+        lam = ratio[inside].mean()
+        assert ratio[inside] == pytest.approx(lam, rel=1e-6)
+        assert (drawn / w[x <= tol] >= lam * (1 - 1e-6)).all()
+        if cap is not None:
+            assert ((drawn + cap) / w[x >= cap - tol] <= lam * (1 + 1e-6)).all()
+
+
+@PROPS
+@given(prompt_stats(), st.integers(0, 3000), st.integers(0, 8))
+def test_drawn_keeps_the_budget_and_the_zeros(stats, budget, drawn):
+    g, p = stats
+    res = allocate_detailed(g, p, budget, drawn=drawn)
+    n = res.samples
+    eligible = (g > 0) & (p > 0)
+    assert (n[~eligible] == 0).all()
+    assert n.sum() == (budget if eligible.any() else 0)
+    assert np.array_equal(allocate(g, p, budget, drawn=0), allocate(g, p, budget))
+
+
+def test_count_stage1_config():
+    cfg = load_config(None, ["gvm.reuse_stage1=true", "gvm.count_stage1=true",
+                             "gvm.presample_n=6"])
+    assert make_allocator(cfg).drawn == 6
+    assert make_allocator(load_config(None, ["gvm.reuse_stage1=true"])).drawn == 0
+    with pytest.raises(Exception, match="'gvm.count_stage1'.*needs 'gvm.reuse_stage1'"):
+        load_config(None, ["gvm.count_stage1=true"])
+
+
 # --- caps, floors and feasibility ---------------------------------------------------------
 
 @PROPS

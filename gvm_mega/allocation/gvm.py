@@ -22,6 +22,13 @@ Order of the rules:
 4. Largest-remainder rounding turns the continuous shares into integers with the exact
    total, never crossing the floor or the cap; ties go to the lower index.
 
+With ``drawn > 0`` (stage-1 samples that are also trained on) each prompt's gradient comes
+from ``drawn + n_i`` samples, so the rule sets those totals instead: minimising
+``sum_i G_i^2 / ((drawn + n_i) p_i)`` gives ``drawn + n_i = max(drawn, lam * w_i)``, and a
+prompt whose pre-samples already exceed its share gets no more. It is step 2's water-filling
+on the totals, floored at ``drawn + min_samples``; budgets, caps and filters still speak of
+the new samples ``n_i``.
+
 Caps that cannot be met (more budget than ``max_samples`` times the number of eligible
 prompts, or less than ``min_samples`` times it) raise :class:`InfeasibleAllocationError`
 rather than silently returning a different total. No eligible prompt at all, or a budget of
@@ -69,22 +76,24 @@ class AllocationResult:
 
 def allocate(grad_norms, accept_rates, budget: int, *, alpha: float = 1e-3, beta: float = 2.0,
              filter_threshold: float | None = None, filter_insufficient: float | None = None,
-             min_samples: int = 0, max_samples: int | None = None) -> np.ndarray:
+             min_samples: int = 0, max_samples: int | None = None,
+             drawn: int = 0) -> np.ndarray:
     """Per-prompt sample counts (int64) summing to ``budget``; see the module docstring."""
     return allocate_detailed(
         grad_norms, accept_rates, budget, alpha=alpha, beta=beta,
         filter_threshold=filter_threshold, filter_insufficient=filter_insufficient,
-        min_samples=min_samples, max_samples=max_samples).samples
+        min_samples=min_samples, max_samples=max_samples, drawn=drawn).samples
 
 
 def allocate_detailed(grad_norms, accept_rates, budget: int, *, alpha: float = 1e-3,
                       beta: float = 2.0, filter_threshold: float | None = None,
                       filter_insufficient: float | None = None, min_samples: int = 0,
-                      max_samples: int | None = None) -> AllocationResult:
+                      max_samples: int | None = None, drawn: int = 0) -> AllocationResult:
     """:func:`allocate`, also returning why each prompt was dropped and the continuous shares."""
     g, p = validate_stats(grad_norms, accept_rates)
     budget = _check_int("budget", budget, minimum=0)
     min_samples = _check_int("min_samples", min_samples, minimum=0)
+    drawn = _check_int("drawn", drawn, minimum=0)
     if max_samples is not None:
         max_samples = _check_int("max_samples", max_samples, minimum=1)
         if max_samples < min_samples:
@@ -114,7 +123,7 @@ def allocate_detailed(grad_norms, accept_rates, budget: int, *, alpha: float = 1
     weights = gvm_weights(g[eligible], p[eligible], alpha=alpha, beta=beta)
     hi = math.inf if max_samples is None else float(max_samples)
     _check_feasible(eligible.size, budget, min_samples, max_samples, after="")
-    shares = water_fill(weights, budget, float(min_samples), hi)
+    shares = _new_shares(weights, budget, float(min_samples), hi, drawn)
 
     if filter_insufficient is not None and filter_insufficient > 0:
         short = p[eligible] * shares < filter_insufficient
@@ -125,11 +134,20 @@ def allocate_detailed(grad_norms, accept_rates, budget: int, *, alpha: float = 1
                 return AllocationResult(samples, reasons, continuous)
             _check_feasible(eligible.size, budget, min_samples, max_samples,
                             after=" left after filter_insufficient")
-            shares = water_fill(weights, budget, float(min_samples), hi)
+            shares = _new_shares(weights, budget, float(min_samples), hi, drawn)
 
     samples[eligible] = round_preserving_total(shares, budget, min_samples, max_samples)
     continuous[eligible] = shares
     return AllocationResult(samples, reasons, continuous)
+
+
+def _new_shares(weights: np.ndarray, budget: int, lo: float, hi: float,
+                drawn: int) -> np.ndarray:
+    """Continuous new samples per prompt: the rule applied to ``drawn + n_i``."""
+    if drawn == 0:
+        return water_fill(weights, budget, lo, hi)
+    totals = water_fill(weights, budget + drawn * weights.shape[0], lo + drawn, hi + drawn)
+    return np.clip(totals - drawn, lo, hi)
 
 
 def gvm_weights(grad_norms: np.ndarray, accept_rates: np.ndarray, *, alpha: float,

@@ -36,6 +36,7 @@ class GVMAllocator:
     filter_insufficient: float | None = None
     min_samples: int = 0
     max_samples: int | None = None
+    drawn: int = 0  # samples per prompt already trained on (reused stage 1), counted by the rule
     name: str = "gvm"
     needs_statistics: bool = True
 
@@ -53,7 +54,7 @@ class GVMAllocator:
         return allocate_detailed(
             grad_norms, accept_rates, budget, alpha=self.alpha, beta=self.beta,
             filter_threshold=self.filter_threshold, filter_insufficient=self.filter_insufficient,
-            min_samples=self.min_samples, max_samples=self.max_samples)
+            min_samples=self.min_samples, max_samples=self.max_samples, drawn=self.drawn)
 
 
 @dataclass(frozen=True)
@@ -82,5 +83,6 @@ def make_allocator(cfg) -> Allocator:
         return GVMAllocator(budget_per_prompt=g.budget_per_prompt, alpha=g.alpha, beta=g.beta,
                             filter_threshold=g.filter_threshold,
                             filter_insufficient=g.filter_insufficient,
-                            min_samples=g.min_samples, max_samples=g.max_samples)
+                            min_samples=g.min_samples, max_samples=g.max_samples,
+                            drawn=g.presample_n if g.count_stage1 else 0)
     return UniformAllocator(samples_per_prompt=cfg.algorithm.uniform_n)

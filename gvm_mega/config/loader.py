@@ -247,6 +247,9 @@ def validate(cfg: Config) -> Config:
     if g.max_samples is not None and g.min_samples > g.max_samples:
         raise ConfigError(f"'gvm.min_samples' ({g.min_samples}) must not exceed "
                           f"'gvm.max_samples' ({g.max_samples})")
+    if g.count_stage1 and not g.reuse_stage1:
+        raise ConfigError("'gvm.count_stage1' counts the stage-1 samples trained on; it needs "
+                          "'gvm.reuse_stage1' = true")
     if cfg.algorithm.prompt_weight != "pooled" and cfg.algorithm.name == "raft":
         raise ConfigError("'algorithm.prompt_weight' must be 'pooled' for 'raft' (plain SFT on "
                           "accepted samples has no per-sample weights); use raft++")

@@ -155,6 +155,9 @@ class GVMConfig:
     grad_norm_params: Literal["embedding", "lm_head", "linear"] = option(
         "embedding", help="parameter set whose per-sequence gradient norm gives G_i")
     reuse_stage1: bool = option(False, help="add stage-1 samples to the training batch")
+    count_stage1: bool = option(
+        False, help="with reuse_stage1: the rule sets each prompt's N' + n_i, so a prompt whose "
+                    "pre-samples already cover its share gets no more")
 
 
 @dataclass
