@@ -89,6 +89,28 @@ def test_options_filters_caps_and_dp_split(tmp_path):
     assert split["imbalance"] < 1.05
 
 
+def test_drawn_counts_the_pre_samples(tmp_path):
+    """--drawn K: the rule sets K + n_i, so the counts are the library's with drawn=K and
+    differ from the plain rule's (a solved prompt's pre-samples already cover its share)."""
+    from gvm_mega.allocation import allocate
+
+    docs = {}
+    for drawn in (0, 8):
+        out = tmp_path / f"alloc{drawn}.json"
+        assert allocate_in_process("--stats", EXAMPLE, "--budget", 32, "--out", out,
+                                   "--drawn", drawn) == 0
+        docs[drawn] = json.loads(out.read_text())
+        est = docs[drawn]["estimates"].values()
+        g, p = [e["grad_norm"] for e in est], [e["p"] for e in est]
+        assert list(docs[drawn]["samples"].values()) == allocate(g, p, 32, drawn=drawn).tolist()
+        assert docs[drawn]["params"]["drawn"] == drawn
+    assert docs[8]["samples"] != docs[0]["samples"]
+    assert docs[8]["samples"]["math-0001"] == 0 < docs[0]["samples"]["math-0001"]
+    with pytest.raises(SystemExit, match="--drawn must be non-negative"):
+        allocate_in_process("--stats", EXAMPLE, "--budget", 32, "--out", tmp_path / "x.json",
+                            "--drawn", -1)
+
+
 def test_posterior_uniform_and_config_defaults(tmp_path):
     out = tmp_path / "alloc.json"
     assert allocate_in_process("--stats", EXAMPLE, "--budget", 64, "--out", out,

@@ -230,6 +230,24 @@ def test_kill_and_resume_equals_uninterrupted(tiny, gvm_run):
     assert allocations(killed) == allocations(whole)
 
 
+def test_count_stage1_allocates_the_totals(tiny):
+    """With gvm.count_stage1 the loop's stage-2 counts are the rule applied to N' + n_i for the
+    p_i and G_i it measured, and stage 2 draws exactly those."""
+    from gvm_mega.allocation import allocate
+
+    root, config, warm = tiny
+    run_dir = root / "count-stage1"
+    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", "gvm.count_stage1=true",
+                                            "train.iterations=1"]) == 0
+    row, alloc = metrics(run_dir)[1], allocations(run_dir)[0]
+    ids = list(alloc["samples"])
+    p = [alloc["accept_rate"][i] for i in ids]
+    g = [alloc["grad_norm"][i] for i in ids]
+    expected = allocate(g, p, 16, alpha=1e-3, drawn=4).tolist()
+    assert [alloc["samples"][i] for i in ids] == expected
+    assert row["samples_total"] == 16 + 16 and row["variance_ratio"] > 0
+
+
 @pytest.mark.parametrize("name", ["grpo", "raft++"])
 def test_uniform_baselines_one_iteration(tiny, name):
     root, config, warm = tiny

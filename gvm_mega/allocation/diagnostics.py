@@ -4,7 +4,8 @@ The variance proxy ``sum_i G_i^2 / (n_i p_i)`` is the quantity GVM minimises; it
 over the prompts that contribute to the gradient (``n_i > 0``, ``p_i > 0``, ``G_i > 0``).
 The uniform reference spreads the same total evenly over all prompts
 (:func:`~gvm_mega.allocation.uniform.uniform_allocate`) and is summed the same way.
-A ratio below 1 means the allocation is expected to give a less noisy gradient.
+A ratio below 1 means the allocation is expected to give a less noisy gradient. With
+``drawn`` (pre-samples trained on too) both proxies count ``drawn + n_i`` samples per prompt.
 """
 from __future__ import annotations
 
@@ -56,12 +57,13 @@ def gini(values) -> float:
     return float(2.0 * np.sum(ranks * x) / (x.size * total) - (x.size + 1) / x.size)
 
 
-def diagnose(samples, grad_norms, accept_rates, reasons=None) -> AllocationDiagnostics:
+def diagnose(samples, grad_norms, accept_rates, reasons=None, *,
+             drawn: int = 0) -> AllocationDiagnostics:
     """Diagnostics of one allocation; ``reasons`` (per-prompt drop codes) fills ``dropped``."""
     n = np.asarray(samples, dtype=np.int64)
     total = int(n.sum())
-    v = variance_proxy(n, grad_norms, accept_rates)
-    u = variance_proxy(uniform_allocate(n.size, total), grad_norms, accept_rates)
+    v = variance_proxy(n + drawn, grad_norms, accept_rates)
+    u = variance_proxy(uniform_allocate(n.size, total) + drawn, grad_norms, accept_rates)
     if reasons is None:
         dropped = {name: 0 for name in DROP_REASONS.values()}
     else:

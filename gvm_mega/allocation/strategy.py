@@ -18,6 +18,7 @@ from gvm_mega.allocation.uniform import uniform_allocate
 class Allocator(Protocol):
     name: str
     needs_statistics: bool  # whether stage 1 (p_i, G_i estimation) must run first
+    drawn: int              # samples per prompt the rule counts as already drawn
 
     def budget(self, num_prompts: int) -> int: ...
 
@@ -62,6 +63,7 @@ class UniformAllocator:
     """The same number of samples for every prompt, statistics unused."""
 
     samples_per_prompt: int = 8
+    drawn: int = 0
     name: str = "uniform"
     needs_statistics: bool = False
 

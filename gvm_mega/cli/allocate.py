@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-samples", type=int, metavar="K", help="floor on n_i for kept prompts")
     p.add_argument("--max-samples", type=int, metavar="K",
                    help="cap on n_i; the excess goes to the other prompts")
+    p.add_argument("--drawn", type=int, default=0, metavar="K",
+                   help="samples each prompt already has that are trained on too (reused "
+                        "pre-samples): the rule then sets K + n_i (default 0)")
     p.add_argument("--estimator", choices=("per-iteration", "posterior"),
                    help="p_i = accepted / samples, or the Beta(prior_a, prior_b) posterior mean")
     p.add_argument("--prior-a", type=float, help="Beta prior a for --estimator posterior")
@@ -67,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.budget < 0:
         raise CLIError(f"--budget must be non-negative, got {args.budget}")
+    if args.drawn < 0:
+        raise CLIError(f"--drawn must be non-negative, got {args.drawn}")
     if args.dp is not None and args.dp < 1:
         raise CLIError(f"--dp must be at least 1, got {args.dp}")
     out = Path(args.out)
@@ -102,18 +107,18 @@ def run(args: argparse.Namespace) -> int:
                 grad_norms, accept_rates, args.budget, alpha=gvm.alpha, beta=gvm.beta,
                 filter_threshold=gvm.filter_threshold,
                 filter_insufficient=gvm.filter_insufficient,
-                min_samples=gvm.min_samples, max_samples=gvm.max_samples)
+                min_samples=gvm.min_samples, max_samples=gvm.max_samples, drawn=args.drawn)
         except (InfeasibleAllocationError, ValueError) as exc:
             raise CLIError(str(exc)) from None
         samples, reasons = result.samples, result.reasons
 
-    diag = diagnose(samples, grad_norms, accept_rates, reasons)
+    diag = diagnose(samples, grad_norms, accept_rates, reasons, drawn=args.drawn)
     doc = {
         "samples": {pid: int(n) for pid, n in zip(table.prompt_ids, samples)},
         **diag.to_dict(),
         "strategy": "uniform" if args.uniform else "gvm",
         "budget": args.budget,
-        "params": {k: getattr(gvm, k) for k in _GVM_OPTIONS},
+        "params": {**{k: getattr(gvm, k) for k in _GVM_OPTIONS}, "drawn": args.drawn},
         "estimates": {pid: {"p": float(p), "grad_norm": float(g)}
                       for pid, p, g in zip(table.prompt_ids, accept_rates, grad_norms)},
     }

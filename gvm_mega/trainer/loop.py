@@ -257,7 +257,8 @@ class Trainer:
                "lr": self.run.lr, **(step or {"loss": None, "kl": None, "entropy": None}),
                **timer.seconds}
         if stage1 is not None:
-            diag = diagnose(samples, stage1.grad_norms, stage1.accept_rates, allocation.reasons)
+            diag = diagnose(samples, stage1.grad_norms, stage1.accept_rates, allocation.reasons,
+                            drawn=self.allocator.drawn)
             seen = stage1.grad_norms[stage1.accept_rates > 0]
             out.update(presample_accept_rate_mean=float(np.mean(stage1.accept_rates)),
                        grad_norm_mean=float(np.mean(seen)) if seen.size else None,
