@@ -161,7 +161,9 @@ class EmbeddedEngine:
                     seed = sample_seed(seed, j)
                 seqs.append(_Seq(i, list(req.prompt_ids), req.sampling,
                                  torch.Generator().manual_seed(seed)))
-        with self._lock:
+        # Decoding is plain tensor math: skip torch-function dispatch (a process-wide mode,
+        # such as megatron's CPU shim, would otherwise run in Python for every small op).
+        with self._lock, torch._C.DisableTorchFunction():
             version = self.weight_version
             order = sorted(range(len(seqs)), key=lambda k: len(seqs[k].prompt))
             for start in range(0, len(order), self.max_batch_size):
@@ -209,12 +211,12 @@ class EmbeddedEngine:
                 logits = dec.forward(ids[:, :length], positions, key_mask[:, :length],
                                      last_only=True)[:, -1]
             tokens = self._sample(logits, live)
-            ids[:, length] = tokens
+            ids[:, length] = torch.tensor(tokens, dtype=torch.long, device=dev)
             key_mask[:, length] = True
             length += 1
             keep = []
             for r, s in enumerate(live):
-                s.out.append(int(tokens[r]))
+                s.out.append(tokens[r])
                 if is_aborted is not None and is_aborted(s.request_index):
                     s.finish, s.matched = "abort", "aborted by request"
                     self._set_text(s)
@@ -230,30 +232,34 @@ class EmbeddedEngine:
                 live = [live[r] for r in keep]
             new_tokens = ids[:, length - 1:length]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
-        # SGLang: T = 0 means greedy with log-probs at T = 1; top_k = 1 is greedy at T
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+        # SGLang: T = 0 means greedy with log-probs at T = 1; top_k = 1 is greedy at T.
+        # Softmax and log-prob lookups are batched; only the draw is per row, from the row's
+        # own generator, so a sample's tokens still depend on its seed alone.
         temps = torch.tensor([s.params.temperature if s.params.temperature >= 1e-6 else 1.0
                               for s in seqs], device=logits.device)
         logp = torch.log_softmax(logits / temps[:, None], dim=-1)
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        probs_all = logp.exp().cpu()
+        tokens = []
         for r, s in enumerate(seqs):
-            if s.params.greedy:
-                tok = int(torch.argmax(logits[r]))
-            else:
-                probs = logp[r].exp()
-                p = s.params
-                if p.top_k != -1 and p.top_k < probs.numel():
-                    kth = torch.topk(probs, p.top_k).values[-1]
-                    probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-                if p.top_p < 1.0:
-                    sorted_p, idx = torch.sort(probs, descending=True)
-                    cum = torch.cumsum(sorted_p, 0)
-                    drop = (cum - sorted_p) > p.top_p * cum[-1]
-                    sorted_p = sorted_p.masked_fill(drop, 0.0)
-                    probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
-                tok = int(torch.multinomial(probs.cpu(), 1, generator=s.generator))
-            tokens[r] = tok
-            s.logprobs.append(float(logp[r, tok]))
+            p = s.params
+            if p.greedy:
+                tokens.append(int(torch.argmax(logits[r])))
+                continue
+            probs = probs_all[r]
+            if p.top_k != -1 and p.top_k < probs.numel():
+                kth = torch.topk(probs, p.top_k).values[-1]
+                probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+            if p.top_p < 1.0:
+                sorted_p, idx = torch.sort(probs, descending=True)
+                cum = torch.cumsum(sorted_p, 0)
+                drop = (cum - sorted_p) > p.top_p * cum[-1]
+                sorted_p = sorted_p.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
+            tokens.append(int(torch.multinomial(probs, 1, generator=s.generator)))
+        chosen = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+        for s, lp in zip(seqs, logp.gather(1, chosen[:, None])[:, 0].tolist()):
+            s.logprobs.append(lp)
         return tokens
 
     def _check_finished(self, s: _Seq, limit: int) -> None:
