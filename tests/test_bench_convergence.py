@@ -329,3 +329,50 @@ def test_min_gain_option_is_checked_and_recorded(tmp_path):
     with pytest.raises(CLIError, match="--min-gain -0.1"):
         bench.plan(_parse("--out", str(tmp_path), "--min-gain", "-0.1"))
     assert bench.plan(_parse("--out", str(tmp_path), "--min-gain", "0.02")).min_gain == 0.02
+
+
+def test_jobs_train_arms_at_once_on_fixed_threads(tmp_path, monkeypatch):
+    """``--jobs 2`` runs two arms at a time; every arm gets ``--threads``; the results keep
+    (algorithm, seed) order whichever arm finishes first; another --threads is refused."""
+    import threading
+    import time
+
+    from gvm_mega.cli import CLIError
+    from gvm_mega.convergence import bench
+
+    lock = threading.Lock()
+    running, peak, threads_seen = [0], [0], {}
+
+    def fake_run(name, config, run_dir, overrides, iterations, log_dir, *, threads=None, **_):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            threads_seen[name] = threads
+        # the first arm finishes last
+        time.sleep(0.3 if name == "raft++-seed1234" else 0.05)
+        _write_metrics(run_dir, [(0, 0, 0.2)] + [(it, 10 * it, 0.3) for it in
+                                                  range(1, iterations + 1)])
+        with lock:
+            running[0] -= 1
+        return bench.ArmResult(name, run_dir, log_dir / f"{name}.log", "done")
+
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    monkeypatch.setattr(bench, "export_weights", lambda run_dir, dest: dest)
+    args = _parse("--out", str(tmp_path), "--seeds", "2", "--algorithms", "raft++,gvm-raft++",
+                  "--jobs", "2", "--threads", "1", "train.iterations=2", "train.eval_every=1")
+    assert bench.main(args) == 0
+    assert peak[0] == 2
+    assert set(threads_seen.values()) == {1}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == [
+        "warm_start", "raft++-seed1234", "raft++-seed1235", "gvm-raft++-seed1234",
+        "gvm-raft++-seed1235"]
+    assert results["command"]["jobs"] == 2 and results["command"]["threads"] == 1
+
+    with pytest.raises(CLIError, match=r"--threads 1 -> 2"):
+        bench.main(_parse("--out", str(tmp_path), "--seeds", "2", "--algorithms",
+                          "raft++,gvm-raft++", "--threads", "2", "train.iterations=2",
+                          "train.eval_every=1"))
+    for bad in ("--jobs", "--threads"):
+        with pytest.raises(CLIError, match=f"{bad} 0: must be >= 1"):
+            bench.plan(_parse("--out", str(tmp_path), bad, "0"))

@@ -85,15 +85,26 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / "latest").is_file()
 
 
+def _process_env(threads: Optional[int]) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def train_command(config: str, run_dir: Path, overrides: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "gvm_mega", "train", config, "--run-dir", str(run_dir),
             *overrides]
 
 
 def run_training(name: str, config: str, run_dir: Path, overrides: Sequence[str],
-                 iterations: int, log_dir: Path, *,
+                 iterations: int, log_dir: Path, *, threads: Optional[int] = None,
                  echo: Callable[[str], None] = print) -> ArmResult:
-    """Run (or reuse, or resume) one training run to ``iterations`` in a fresh process."""
+    """Run (or reuse, or resume) one training run to ``iterations`` in a fresh process.
+
+    ``threads`` sets the process's torch threads (``OMP_NUM_THREADS``): float reductions,
+    and so a long run's curve, depend on it, so a benchmark fixes it for every arm.
+    """
     log = log_dir / f"{name}.log"
     result = ArmResult(name=name, run_dir=run_dir, log=log, status="reused")
     if final_iteration_done(run_dir, iterations):
@@ -110,7 +121,7 @@ def run_training(name: str, config: str, run_dir: Path, overrides: Sequence[str]
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env=_process_env(threads))
     result.seconds = time.perf_counter() - start
     result.returncode = proc.returncode
     if proc.returncode == 0 and final_iteration_done(run_dir, iterations):
