@@ -36,8 +36,9 @@ DEFAULT_ALGORITHMS = ("raft++", "gvm-raft++", "grpo", "gvm-grpo")
 QUICK_ALGORITHMS = ("raft++", "gvm-raft++")
 
 # Sizes, applied before the user's overrides. The default fits within an hour on 2 CPU cores
-# (warm start + 4 algorithms x 3 seeds x 60 iterations, 43 min; RAFT++ first dips and is back
-# above the warm start after 24-36 iterations); quick is a smoke test of the whole pipeline.
+# (warm start + 4 algorithms x 3 seeds x 60 iterations: 48 min on the slower of two machines
+# measured, two arms at a time; RAFT++ first dips and is back above the warm start after
+# 24-36 iterations); quick is a smoke test of the whole pipeline.
 # The default keeps the config's GVM settings (N', budget) and prompts per iteration.
 DEFAULT_SIZE = (
     "train.iterations=60",
