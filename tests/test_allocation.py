@@ -16,6 +16,7 @@ from gvm_mega.allocation import (
     UniformAllocator,
     allocate,
     allocate_detailed,
+    best_variance_proxy,
     diagnose,
     gini,
     make_allocator,
@@ -407,6 +408,57 @@ def test_diagnostics_values():
     assert d.n_gini == pytest.approx(gini([3, 9, 0, 0]))
     empty = diagnose(np.zeros(2, dtype=np.int64), [0.0, 0.0], [0.5, 0.5])
     assert empty.variance_proxy is None and empty.variance_ratio is None
+
+
+def test_diagnostics_per_draw_proxy_and_the_best_allocation():
+    """The per-draw proxy is sum p G^2 / n; the best ratio is the continuous optimum's."""
+    g = np.array([1.0, 2.0, 1.0])
+    p = np.array([1.0, 0.25, 0.0])
+    n = np.array([4, 8, 0])
+    d = diagnose(n, g, p, weighting="per-draw")
+    assert d.weighting == "per-draw"
+    assert d.variance_proxy == pytest.approx(1.0 * 1 / 4 + 0.25 * 4 / 8)
+    assert d.uniform_variance_proxy == pytest.approx(1.0 * 1 / 4 + 0.25 * 4 / 4)  # n = 4 each
+    # optimum n ~ G sqrt(p) = 1 : 1 over the two contributing prompts: 6 each
+    assert d.best_variance_proxy == pytest.approx(1 / 6 + 1 / 6)
+    assert d.best_variance_ratio == pytest.approx((1 / 3) / 0.5)
+    assert d.best_variance_ratio <= d.variance_ratio
+    # per-prompt: n ~ G / sqrt(p) = 1 : 4, so 2.4 and 9.6 of 12
+    pp = diagnose(n, g, p)
+    assert pp.weighting == "per-prompt"
+    assert pp.best_variance_proxy == pytest.approx(1 / 2.4 + 16 / 9.6)
+    # with reused pre-samples the optimum is floored at them: totals max(2, lam * sqrt(c))
+    drawn = diagnose(np.array([0, 12, 0]), g, p, drawn=2, weighting="per-draw")
+    # c = 1 and 1: equal totals of (12 + 2 * 2) / 2 = 8 each
+    assert drawn.best_variance_proxy == pytest.approx(1 / 8 + 1 / 8)
+    assert drawn.variance_proxy == pytest.approx(1 / 2 + 1 / 14)
+    skew = diagnose(np.array([0, 1, 0]), np.array([10.0, 1.0, 1.0]), np.array([1.0, 1.0, 0.0]),
+                    drawn=4, weighting="per-draw")
+    # c = 100 and 1: prompt 1 stays at its 4 pre-samples, prompt 0 gets the new sample
+    assert skew.best_variance_proxy == pytest.approx(100 / 5 + 1 / 4)
+    with pytest.raises(ValueError, match="weighting 'per-token'"):
+        diagnose(n, g, p, weighting="per-token")
+
+
+@PROPS
+@given(positive_stats(), st.integers(0, 40), st.integers(0, 6),
+       st.sampled_from(["per-prompt", "per-draw"]))
+def test_no_allocation_beats_the_best_variance_proxy(stats, budget, drawn, weighting):
+    """The bound holds against the GVM rule, uniform and random allocations alike."""
+    g, p = stats
+    if budget == 0 and drawn == 0:
+        return
+    best = best_variance_proxy(budget, g, p, drawn=drawn, weighting=weighting)
+    rng = np.random.default_rng(budget * 7 + drawn)
+    candidates = [uniform_allocate(g.size, budget),
+                  rng.multinomial(budget, np.full(g.size, 1.0 / g.size))]
+    if drawn == 0 and budget >= g.size:
+        candidates.append(allocate(g, p, budget, alpha=0.0, min_samples=1))
+    for n in candidates:
+        if drawn == 0 and (n == 0).any():
+            continue  # the bound is over allocations that sample every contributing prompt
+        v = variance_proxy(n + drawn, g, p, weighting=weighting)
+        assert v >= best * (1 - 1e-9)
 
 
 def test_gini():

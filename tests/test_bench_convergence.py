@@ -39,10 +39,19 @@ def test_curve_keeps_only_eval_records(tmp_path):
     path = _write_metrics(tmp_path / "run", [(0, 0, 0.1), (1, 100, None), (2, 200, 0.3),
                                              (3, 300, None), (4, 400, 0.35)])
     c = load_curve(path)
+    assert c.variance_ratio is None and c.variance_ratio_best is None  # a uniform run
     assert c.iterations == (0, 2, 4)
     assert c.samples == (0.0, 200.0, 400.0)
     assert c.accuracy == (0.1, 0.3, 0.35)
     assert c.final_accuracy == 0.35
+    gvm = curve_from_records([
+        {"iteration": 0, "samples_total": 0, "eval_accuracy": 0.1},
+        {"iteration": 1, "samples_total": 8, "variance_ratio": 0.8, "variance_ratio_best": 0.5},
+        {"iteration": 2, "samples_total": 16, "variance_ratio": 0.6, "variance_ratio_best": 0.4,
+         "eval_accuracy": 0.2}])
+    assert gvm.variance_ratio == pytest.approx(0.7)
+    assert gvm.variance_ratio_best == pytest.approx(0.45)
+    assert gvm.to_dict()["variance_ratio_best_mean"] == pytest.approx(0.45)
     with pytest.raises(ValueError, match="no record with eval_accuracy"):
         curve_from_records([{"iteration": 1, "samples_total": 3}], "m.jsonl")
     with pytest.raises(ValueError, match="iteration 2 has eval_accuracy but no samples_total"):
@@ -138,8 +147,8 @@ def test_speedup_interpolated_and_undefined_cases():
 
 def test_outputs_from_hand_made_runs(tmp_path):
     curves = {"raft++": [_curve([0, 400, 800], [0.1, 0.3, 0.5])],
-              "gvm-raft++": [_curve([0, 400, 800], [0.1, 0.5, 0.6]),
-                             _curve([0, 420, 820], [0.1, 0.4, 0.5])]}
+              "gvm-raft++": [Curve((0, 1, 2), (0.0, 400.0, 800.0), (0.1, 0.5, 0.6), 0.6, 0.4),
+                             Curve((0, 1, 2), (0.0, 420.0, 820.0), (0.1, 0.4, 0.5), 0.8, 0.5)]}
     paths = write_outputs(tmp_path, summarise(curves), curves, {"benchmark": "convergence"})
     results = json.loads(paths["results"].read_text())
     # GVM seed mean: samples (0, 410, 810), accuracy (0.1, 0.45, 0.55): 0.5 at 610
@@ -149,6 +158,11 @@ def test_outputs_from_hand_made_runs(tmp_path):
     table = json.loads(paths["table_json"].read_text())
     assert [r["algorithm"] for r in table["algorithms"]] == ["raft++", "gvm-raft++"]
     assert table["gvm_variants"][0]["baseline"] == "raft++"
+    assert table["gvm_variants"][0]["variance_ratio_mean"] == pytest.approx(0.7)
+    assert table["gvm_variants"][0]["variance_ratio_best_mean"] == pytest.approx(0.45)
+    assert results["algorithms"]["gvm-raft++"]["variance_ratio_best"]["max"] == 0.5
+    assert "variance_ratio" not in results["algorithms"]["raft++"]
+    assert "| 1.31x | 0.70 | 0.45 |" in paths["table_md"].read_text()
     assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -193,6 +207,12 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert "warmup_steps: 0" in arm_cfg and str(out / "warm_start" / "weights") in arm_cfg
     table = (out / "table.md").read_text()
     assert "| raft++ | 1 |" in table and "| gvm-raft++ | raft++ |" in table
+    # the tiny model accepts nothing, so the ratios are logged as undefined (no contributing
+    # prompt) and the table says so rather than inventing a number
+    gvm_records = [json.loads(line) for line in (out / "runs" / "gvm-raft++" / "seed1234" /
+                                                  "metrics.jsonl").read_text().splitlines()]
+    assert all("variance_ratio_best" in r for r in gvm_records[1:])
+    assert "variance ratio | best possible |" in table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "table.json").read_text())["gvm_variants"][0]["variant"] == "gvm-raft++"
 

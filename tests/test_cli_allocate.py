@@ -135,6 +135,29 @@ def test_posterior_uniform_and_config_defaults(tmp_path):
     assert json.loads(out.read_text())["params"]["max_samples"] == 9
 
 
+def test_weighting_follows_the_config_and_the_option(tmp_path):
+    """The proxy matches the loss's prompt weights; the GVM rule at alpha=0 is the
+    per-prompt optimum (up to rounding), so it is at its bound there and not per draw."""
+    out = tmp_path / "alloc.json"
+    args = ("--stats", EXAMPLE, "--budget", 64, "--out", out, "--alpha", 0)
+    assert allocate_in_process(*args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["weighting"] == "per-prompt"
+    assert doc["best_variance_ratio"] <= doc["variance_ratio"] < 1
+    assert doc["variance_ratio"] == pytest.approx(doc["best_variance_ratio"], rel=0.05)
+
+    cfg = tmp_path / "per_draw.yaml"
+    cfg.write_text("algorithm:\n  name: gvm-raft++\n  prompt_weight: per-draw\n")
+    assert allocate_in_process(*args, "--config", cfg) == 0
+    per_draw = json.loads(out.read_text())
+    assert per_draw["weighting"] == "per-draw"
+    assert per_draw["samples"] == doc["samples"]  # the same allocation, judged differently
+    assert per_draw["best_variance_ratio"] < per_draw["variance_ratio"]
+    assert per_draw["variance_ratio"] > doc["variance_ratio"]
+    assert allocate_in_process(*args, "--config", cfg, "--weighting", "per-prompt") == 0
+    assert json.loads(out.read_text())["variance_ratio"] == pytest.approx(doc["variance_ratio"])
+
+
 ROW = {"prompt_id": "p1", "num_samples": 8, "num_accepted": 2, "grad_norm": 1.0}
 
 

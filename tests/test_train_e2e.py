@@ -70,6 +70,7 @@ def test_single_process_run_dir_and_metrics(gvm_run):
         assert 0 <= row["alloc_min"] <= row["alloc_max"] <= 16
         assert 0 <= row["accept_rate_mean"] <= 1 and row["grad_norm_mean"] > 0
         assert row["variance_ratio"] > 0 and math.isfinite(row["loss"])
+        assert 0 < row["variance_ratio_best"] <= 1.0 + 1e-9  # uniform is one allocation
         assert row["entropy"] > 0 and row["lr"] > 0 and row["kl"] is None
         assert 0 < row["accepted_distinct_frac"] <= 1
         assert row["unsound_frac"] is None  # reward.check_steps is off

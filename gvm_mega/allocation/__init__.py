@@ -2,13 +2,15 @@
 
 Entry points: :func:`allocate` (the rule), :func:`make_allocator` (GVM or uniform from the
 config), :class:`PromptStatsStore` (p_i and G_i across iterations), :func:`diagnose`
-(variance proxy against uniform) and :func:`split_across_ranks` (data-parallel balance).
+(variance proxy against uniform and against the best allocation) and :func:`split_across_ranks` (data-parallel balance).
 """
 from gvm_mega.allocation.diagnostics import (
     AllocationDiagnostics,
+    best_variance_proxy,
     diagnose,
     gini,
     variance_proxy,
+    weighting_of,
 )
 from gvm_mega.allocation.dp_split import DPSplit, RankShare, split_across_ranks
 from gvm_mega.allocation.gvm import (
@@ -34,7 +36,7 @@ __all__ = [
     "DROP_REASONS", "AllocationDiagnostics", "AllocationResult", "Allocator", "DPSplit",
     "GVMAllocator", "InfeasibleAllocationError", "PromptStats", "PromptStatsStore",
     "RankShare", "StatsFileError", "StatsTable", "UniformAllocator", "allocate",
-    "allocate_detailed", "diagnose", "gini", "gvm_weights", "make_allocator",
+    "allocate_detailed", "best_variance_proxy", "diagnose", "gini", "gvm_weights", "make_allocator",
     "read_stats_jsonl", "round_preserving_total", "split_across_ranks", "uniform_allocate",
-    "variance_proxy",
+    "variance_proxy", "weighting_of",
 ]

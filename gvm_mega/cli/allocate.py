@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drawn", type=int, default=0, metavar="K",
                    help="samples each prompt already has that are trained on too (reused "
                         "pre-samples): the rule then sets K + n_i (default 0)")
+    p.add_argument("--weighting", choices=("per-prompt", "per-draw"), default=None,
+                   help="variance proxy of the diagnostics: per-prompt, sum G^2/(n p) (pooled or "
+                        "prompt-mean loss weights, the default), or per-draw, sum p G^2/n "
+                        "(algorithm.prompt_weight=per-draw; the default with such a --config)")
     p.add_argument("--estimator", choices=("per-iteration", "posterior"),
                    help="p_i = accepted / samples, or the Beta(prior_a, prior_b) posterior mean")
     p.add_argument("--prior-a", type=float, help="Beta prior a for --estimator posterior")
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         split_across_ranks,
         uniform_allocate,
     )
+    from gvm_mega.allocation.diagnostics import weighting_of
     from gvm_mega.allocation.gvm import KEPT
     from gvm_mega.cli import CLIError
     from gvm_mega.config import ConfigError, apply_overrides, load_config
@@ -112,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(str(exc)) from None
         samples, reasons = result.samples, result.reasons
 
-    diag = diagnose(samples, grad_norms, accept_rates, reasons, drawn=args.drawn)
+    weighting = args.weighting or weighting_of(cfg.algorithm.prompt_weight)
+    diag = diagnose(samples, grad_norms, accept_rates, reasons, drawn=args.drawn,
+                    weighting=weighting)
     doc = {
         "samples": {pid: int(n) for pid, n in zip(table.prompt_ids, samples)},
         **diag.to_dict(),
@@ -135,9 +142,11 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    ratio = diag.variance_ratio
+    def show(ratio):
+        return "n/a" if ratio is None else f"{ratio:.3f}"
+
     print(f"allocated {diag.total_samples} samples to {diag.num_allocated} of "
           f"{diag.num_prompts} prompts (n_max {diag.n_max}, Gini {diag.n_gini:.2f}); "
-          f"variance proxy vs uniform: "
-          f"{'n/a' if ratio is None else f'{ratio:.3f}'}; wrote {out}")
+          f"{weighting} variance proxy vs uniform: {show(diag.variance_ratio)} "
+          f"(best possible {show(diag.best_variance_ratio)}); wrote {out}")
     return 0

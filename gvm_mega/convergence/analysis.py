@@ -9,6 +9,11 @@ by the samples the variant needs to first reach that same accuracy, reading both
 seed-mean curves with linear interpolation between eval points. A baseline that ends less
 than ``min_gain`` above its own starting accuracy has not improved beyond evaluation noise,
 so no speedup is defined against it.
+
+A GVM run's curve also carries the mean over its iterations of the logged ``variance_ratio``
+(its allocation's gradient-variance proxy over uniform's) and ``variance_ratio_best`` (the
+best any allocation could do on the same statistics): what the allocation bought per
+iteration, and the most that allocation could have bought.
 """
 from __future__ import annotations
 
@@ -30,11 +35,14 @@ MIN_GAIN = 0.01
 
 @dataclass(frozen=True)
 class Curve:
-    """Eval points of one run (or a seed mean): iterations, samples_total, accuracy."""
+    """Eval points of one run (or a seed mean): iterations, samples_total, accuracy; for a
+    GVM run also its mean variance ratios (None for uniform runs and seed means)."""
 
     iterations: tuple[int, ...]
     samples: tuple[float, ...]
     accuracy: tuple[float, ...]
+    variance_ratio: Optional[float] = None
+    variance_ratio_best: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not (len(self.iterations) == len(self.samples) == len(self.accuracy)):
@@ -45,8 +53,12 @@ class Curve:
         return self.accuracy[-1]
 
     def to_dict(self) -> dict:
-        return {"iteration": list(self.iterations), "samples_total": list(self.samples),
-                "eval_accuracy": list(self.accuracy)}
+        out = {"iteration": list(self.iterations), "samples_total": list(self.samples),
+               "eval_accuracy": list(self.accuracy)}
+        if self.variance_ratio is not None:
+            out.update(variance_ratio_mean=self.variance_ratio,
+                       variance_ratio_best_mean=self.variance_ratio_best)
+        return out
 
 
 def _number(value: object) -> Optional[float]:
@@ -70,7 +82,13 @@ def curve_from_records(records: Sequence[Mapping], where: str = "metrics") -> Cu
         ys.append(acc)
     if not its:
         raise ValueError(f"{where}: no record with eval_accuracy")
-    return Curve(tuple(its), tuple(xs), tuple(ys))
+    return Curve(tuple(its), tuple(xs), tuple(ys), *(_mean_of(records, key) for key in
+                                                     ("variance_ratio", "variance_ratio_best")))
+
+
+def _mean_of(records: Sequence[Mapping], key: str) -> Optional[float]:
+    values = [v for v in (_number(r.get(key)) for r in records) if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def load_curve(metrics_path: str | Path) -> Curve:
@@ -181,6 +199,10 @@ def summarise(curves: Mapping[str, Sequence[Curve]], *, min_gain: float = MIN_GA
                             "final_accuracy": spread([c.final_accuracy for c in runs]),
                             "final_samples": spread([c.samples[-1] for c in runs]),
                             "mean_curve": means[name].to_dict()}
+        for key in ("variance_ratio", "variance_ratio_best"):
+            values = [getattr(c, key) for c in runs if getattr(c, key) is not None]
+            if values:
+                algorithms[name][key] = spread(values)
     speedups: dict[str, dict] = {}
     for variant, base in BASELINES.items():
         if variant not in curves:
@@ -213,14 +235,26 @@ def table_markdown(summary: Mapping) -> str:
                      f"{acc['min']:.4f} – {acc['max']:.4f} | {n['mean']:.0f} |")
     if summary["speedups"]:
         lines += ["", "| GVM variant | baseline | target accuracy | baseline samples | "
-                      "GVM samples | speedup |", "|---|---|---:|---:|---:|---:|"]
+                      "GVM samples | speedup | variance ratio | best possible |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for name, s in summary["speedups"].items():
             var_n = _fmt(s["variant_samples"], ".0f")
             if s["target_accuracy"] is not None and not s["reached"]:
                 var_n = "never reached"
+            row = summary["algorithms"].get(name, {})
+            ratios = [_fmt((row.get(key) or {}).get("mean"), ".2f")
+                      for key in ("variance_ratio", "variance_ratio_best")]
             lines.append(f"| {name} | {s['baseline']} | {_fmt(s['target_accuracy'], '.4f')} | "
                          f"{_fmt(s['baseline_samples'], '.0f')} | {var_n} | "
-                         f"{_fmt(s['speedup'], '.2f')}{'x' if s['speedup'] is not None else ''} |")
+                         f"{_fmt(s['speedup'], '.2f')}{'x' if s['speedup'] is not None else ''} | "
+                         f"{ratios[0]} | {ratios[1]} |")
         notes = [f"- {name}: {s['note']}" for name, s in summary["speedups"].items()]
+        if any(summary["algorithms"].get(name, {}).get("variance_ratio_best")
+               for name in summary["speedups"]):
+            notes.append("- variance ratio: the allocation's gradient-variance proxy over "
+                         "uniform sampling's at the same budget, mean over iterations and "
+                         "seeds; best possible: the same for the best allocation of each "
+                         "iteration's budget. 1 / ratio is the allocation's worth in uniform "
+                         "samples per iteration, and no allocation can do better than 1 / best.")
         lines += [""] + notes
     return "\n".join(lines) + "\n"

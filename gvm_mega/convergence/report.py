@@ -33,7 +33,9 @@ def table_rows(summary: Mapping) -> dict:
                  "target_accuracy": s["target_accuracy"],
                  "baseline_samples": s["baseline_samples"],
                  "variant_samples": s["variant_samples"], "reached": s["reached"],
-                 "speedup": s["speedup"]}
+                 "speedup": s["speedup"],
+                 **{f"{key}_mean": (summary["algorithms"].get(name, {}).get(key) or {}).get("mean")
+                    for key in ("variance_ratio", "variance_ratio_best")}}
                 for name, s in summary["speedups"].items()]
     return {"algorithms": algorithms, "gvm_variants": variants}
 

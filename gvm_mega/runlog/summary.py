@@ -8,7 +8,9 @@ The standard ``metrics.jsonl`` keys (others may be added freely):
 - ``accept_rate_mean``: mean over the batch's prompts of the accepted fraction (train reward)
 - ``grad_norm_mean``: mean G_i over prompts with accepted samples
 - ``alloc_min`` / ``alloc_max``: smallest / largest stage-2 sample count n_i
-- ``variance_ratio``: sum G_i^2/(n_i p_i) under the allocation over the same under uniform n
+- ``variance_ratio``: the allocation's gradient-variance proxy over uniform n's (sum G_i^2/(n_i p_i),
+  or sum p_i G_i^2/n_i with ``algorithm.prompt_weight=per-draw``)
+- ``variance_ratio_best``: the same for the best allocation of the budget (its lower bound)
 - ``loss``, ``kl``, ``entropy``, ``lr``: from the policy step(s)
 - ``time_<phase>_s``: seconds spent in a phase (``PHASES`` lists the usual ones)
 - ``eval_accuracy``: mean accuracy on the held-out sets, on iterations where eval ran
@@ -69,7 +71,8 @@ def format_summary(record: Mapping[str, Any], *, iterations: Optional[int] = Non
     if has("alloc_min") and has("alloc_max"):
         parts.append(f"n {int(record['alloc_min'])}..{int(record['alloc_max'])}")
     if has("variance_ratio"):
-        parts.append(f"var {record['variance_ratio']:.3f}")
+        best = f"/{record['variance_ratio_best']:.2f}" if has("variance_ratio_best") else ""
+        parts.append(f"var {record['variance_ratio']:.3f}{best}")
     for key, label in (("loss", "loss"), ("kl", "kl"), ("entropy", "ent"), ("lr", "lr")):
         if has(key):
             parts.append(f"{label} {_num(record[key])}")

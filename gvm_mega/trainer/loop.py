@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from gvm_mega.allocation import (AllocationResult, InfeasibleAllocationError, PromptStatsStore,
-                                 diagnose, make_allocator)
+                                 diagnose, make_allocator, weighting_of)
 from gvm_mega.trainer.batch import RankSamples, mini_batches, training_samples
 from gvm_mega.trainer.comm import from_driver
 from gvm_mega.trainer.sampling import Group, sample_and_score
@@ -258,17 +258,19 @@ class Trainer:
                **timer.seconds}
         if stage1 is not None:
             diag = diagnose(samples, stage1.grad_norms, stage1.accept_rates, allocation.reasons,
-                            drawn=self.allocator.drawn)
+                            drawn=self.allocator.drawn,
+                            weighting=weighting_of(self.cfg.algorithm.prompt_weight))
             seen = stage1.grad_norms[stage1.accept_rates > 0]
             out.update(presample_accept_rate_mean=float(np.mean(stage1.accept_rates)),
                        grad_norm_mean=float(np.mean(seen)) if seen.size else None,
-                       variance_ratio=diag.variance_ratio, alloc_gini=diag.n_gini)
+                       variance_ratio=diag.variance_ratio,
+                       variance_ratio_best=diag.best_variance_ratio, alloc_gini=diag.n_gini)
             ids = [p.id for p in prompts]
             self.run.log.log_allocation(it, dict(zip(ids, samples.tolist())),
                                         accept_rate=dict(zip(ids, stage1.accept_rates.tolist())),
                                         grad_norm=dict(zip(ids, stage1.grad_norms.tolist())))
         else:
-            out.update(grad_norm_mean=None, variance_ratio=None)
+            out.update(grad_norm_mean=None, variance_ratio=None, variance_ratio_best=None)
             self.run.log.log_allocation(it, {p.id: n for p, n in zip(prompts, samples.tolist())})
         return out
 
