@@ -17,7 +17,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two line colours
 
 
-def _make_run(path, slope: float, iterations: int = 5, allocations: bool = True) -> None:
+def _make_run(path, slope: float, iterations: int = 5, allocations: bool = True,
+              variance: bool = False) -> None:
     cfg = load_config(None, [f"train.iterations={iterations}", "logging.tensorboard=false"])
     with RunLogger.start(cfg, path, console=open(os.devnull, "w")) as run:
         run.log_iteration({"iteration": 0, "samples_total": 0, "eval_accuracy": 0.2})
@@ -25,7 +26,9 @@ def _make_run(path, slope: float, iterations: int = 5, allocations: bool = True)
             last = it == iterations
             run.log_iteration({"iteration": it, "samples_total": 128 * it,
                                "accept_rate_mean": 0.2 + slope * it,
-                               "eval_accuracy": 0.2 + slope * it if last else None})
+                               "eval_accuracy": 0.2 + slope * it if last else None,
+                               **({"variance_ratio": 0.9 - 0.1 * it,
+                                   "variance_ratio_best": 0.8 - 0.1 * it} if variance else {})})
             if allocations:
                 run.log_allocation(it, {f"p{j}": (j * it) % 9 for j in range(16)})
 
@@ -37,7 +40,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 def test_plot_two_runs_writes_a_png_with_one_line_per_run(tmp_path):
     _make_run(tmp_path / "uniform", 0.02)
-    _make_run(tmp_path / "gvm", 0.05)
+    _make_run(tmp_path / "gvm", 0.05, variance=True)
     out = tmp_path / "figs" / "curves.png"
     done = subprocess.run([sys.executable, "-m", "gvm_mega", "plot", str(tmp_path / "uniform"),
                            str(tmp_path / "gvm"), "--out", str(out), "--title", "demo"],
@@ -47,7 +50,7 @@ def test_plot_two_runs_writes_a_png_with_one_line_per_run(tmp_path):
     assert f"wrote {out}" in done.stdout
     data = out.read_bytes()
     width, height = _png_size(data)
-    assert (width, height) == (1500, 450) and len(data) > 20_000
+    assert (width, height) == (1200, 800) and len(data) > 20_000
     from PIL import Image
 
     with Image.open(out) as img:
@@ -58,10 +61,22 @@ def test_plot_two_runs_writes_a_png_with_one_line_per_run(tmp_path):
     assert len(colours) > 50  # text, grids, lines: not a blank canvas
 
 
+def test_plot_reads_the_variance_ratios_of_gvm_runs(tmp_path):
+    from gvm_mega.cli.plot import load_run
+
+    _make_run(tmp_path / "gvm", 0.05, iterations=3, variance=True)
+    _make_run(tmp_path / "uniform", 0.05, iterations=3)
+    gvm = load_run(str(tmp_path / "gvm"), "gvm")
+    assert gvm.variance_it == [1, 2, 3]
+    assert gvm.variance == pytest.approx([0.8, 0.7, 0.6])
+    assert gvm.variance_best == pytest.approx([0.7, 0.6, 0.5])
+    assert load_run(str(tmp_path / "uniform"), "uniform").variance == []
+
+
 def test_plot_default_output_and_run_without_allocations(tmp_path, capsys):
     _make_run(tmp_path / "raft", 0.03, iterations=2, allocations=False)
     assert main(["plot", str(tmp_path / "raft")]) == 0
-    assert _png_size((tmp_path / "raft" / "curves.png").read_bytes())[0] == 1500
+    assert _png_size((tmp_path / "raft" / "curves.png").read_bytes())[0] == 1200
     assert "curves.png" in capsys.readouterr().out
 
 

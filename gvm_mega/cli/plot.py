@@ -1,9 +1,11 @@
 """``gvm-mega plot``: learning curves of one or more runs as a PNG.
 
-Three panels: held-out eval accuracy and train reward (``accept_rate_mean``) against
-``samples_total`` (every response generated, stage 1 included), one line per run, and the
-histogram of per-prompt sample counts n_i of each run's last recorded allocation
-(``allocations.jsonl``). Reads only files in the run directories; matplotlib draws off-screen.
+Four panels: held-out eval accuracy and train reward (``accept_rate_mean``) against
+``samples_total`` (every response generated, stage 1 included), one line per run; each GVM
+run's gradient-variance ratio against uniform sampling (``variance_ratio``) and the best any
+allocation could reach (``variance_ratio_best``) per iteration; and the histogram of
+per-prompt sample counts n_i of each run's last recorded allocation (``allocations.jsonl``).
+Reads only files in the run directories; matplotlib draws off-screen.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from gvm_mega.cli import CLIError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="plot eval accuracy, train reward and allocations of runs",
+    p = sub.add_parser("plot", help="plot eval accuracy, train reward, variance ratios and "
+                                    "allocations of runs",
                        description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
     p.add_argument("--out", metavar="FILE.png",
@@ -34,6 +37,9 @@ class RunCurves:
     eval_y: list[float] = field(default_factory=list)
     reward_x: list[float] = field(default_factory=list)
     reward_y: list[float] = field(default_factory=list)
+    variance_it: list[int] = field(default_factory=list)
+    variance: list[float] = field(default_factory=list)
+    variance_best: list[Optional[float]] = field(default_factory=list)
     allocation: Optional[dict] = None  # the last allocations.jsonl row
 
 
@@ -72,6 +78,11 @@ def load_run(run_dir: str, label: str) -> RunCurves:
         if reward is not None:
             curves.reward_x.append(x)
             curves.reward_y.append(reward)
+        ratio = _number(record, "variance_ratio")
+        if ratio is not None:
+            curves.variance_it.append(int(record["iteration"]))
+            curves.variance.append(ratio)
+            curves.variance_best.append(_number(record, "variance_ratio_best"))
     allocations = path / ALLOCATIONS_FILE
     if allocations.is_file():
         try:
@@ -95,17 +106,18 @@ def _labels(run_dirs: list[str]) -> list[str]:
 
 
 def draw(runs: list[RunCurves], out: str, *, title: Optional[str] = None) -> str:
-    """Render the three panels to ``out`` (PNG) and return its path."""
+    """Render the four panels to ``out`` (PNG) and return its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 4.5), dpi=100, layout="constrained")
-    ax_eval, ax_reward, ax_alloc = fig.subplots(1, 3)
+    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
+    (ax_eval, ax_reward), (ax_var, ax_alloc) = fig.subplots(2, 2)
     for r in runs:
         ax_eval.plot(r.eval_x, r.eval_y, marker="o", label=r.label)
         ax_reward.plot(r.reward_x, r.reward_y, marker=".", label=r.label)
+    _draw_variance(ax_var, runs)
     for ax, name in ((ax_eval, "eval accuracy"), (ax_reward, "train reward (accept rate)")):
         ax.set_xlabel("samples generated (samples_total)")
         ax.set_ylabel(name)
@@ -136,6 +148,34 @@ def draw(runs: list[RunCurves], out: str, *, title: Optional[str] = None) -> str
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, format="png")
     return out
+
+
+def _draw_variance(ax, runs: list[RunCurves]) -> None:
+    """Per GVM run: its allocation's variance ratio (solid) and the best possible (dashed),
+    in the run's own colour; 1 is uniform sampling."""
+    import matplotlib
+
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = False
+    for i, r in enumerate(runs):
+        if not r.variance:
+            continue
+        colour = colours[i % len(colours)]  # the colour of the run's lines in the other panels
+        ax.plot(r.variance_it, r.variance, color=colour, label=f"{r.label}")
+        best = [(it, b) for it, b in zip(r.variance_it, r.variance_best) if b is not None]
+        if best:
+            ax.plot(*zip(*best), "--", color=colour, label=f"{r.label}: best possible")
+        drawn = True
+    ax.axhline(1.0, color="grey", linewidth=1)
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no variance_ratio in these runs (uniform sampling)", ha="center",
+                va="center", transform=ax.transAxes)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("variance ratio (1 = uniform)")
+    ax.set_title("gradient variance against uniform sampling")
+    ax.grid(alpha=0.3)
 
 
 def run(args: argparse.Namespace) -> int:
