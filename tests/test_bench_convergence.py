@@ -6,13 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from gvm_mega.convergence import (Curve, curve_from_records, load_curve, mean_curve,
                                   samples_to_reach, summarise, table_markdown, write_outputs)
-from gvm_mega.convergence.arms import run_training
+from gvm_mega.convergence.arms import echo_line, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,6 +178,34 @@ def test_failed_training_process_is_reported_with_its_log(tmp_path):
     assert "missing.yaml" in result.log_tail
     assert result.to_dict()["log_tail"] == result.log_tail
     assert any("FAILED" in line for line in echoed)
+
+
+class _SlowStream:
+    """A stdout whose every write yields the CPU, as a busy terminal or pipe can."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+
+    def write(self, text: str) -> int:
+        time.sleep(0.001)
+        self.chunks.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_echo_from_parallel_arms_keeps_lines_whole(monkeypatch):
+    stream = _SlowStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    lines = [f"[arm{t}] line {k}" for t in range(4) for k in range(20)]
+    threads = [threading.Thread(target=lambda t=t: [echo_line(f"[arm{t}] line {k}")
+                                                   for k in range(20)]) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted("".join(stream.chunks).splitlines()) == sorted(lines)
 
 
 def test_quick_benchmark_end_to_end(tmp_path):

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,16 @@ from typing import Callable, Optional, Sequence
 
 # Files of a training checkpoint that make up a plain model checkpoint (weights only).
 _MODEL_FILES = ("gvm_mega_model.json", "model")
+
+_ECHO_LOCK = threading.Lock()
+
+
+def echo_line(message: str) -> None:
+    """Print one whole line at a time: ``print`` writes the text and its newline
+    separately, so arms trained from parallel threads would run their lines together."""
+    with _ECHO_LOCK:
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
 
 
 @dataclass
@@ -99,7 +110,7 @@ def train_command(config: str, run_dir: Path, overrides: Sequence[str]) -> list[
 
 def run_training(name: str, config: str, run_dir: Path, overrides: Sequence[str],
                  iterations: int, log_dir: Path, *, threads: Optional[int] = None,
-                 echo: Callable[[str], None] = print) -> ArmResult:
+                 echo: Callable[[str], None] = echo_line) -> ArmResult:
     """Run (or reuse, or resume) one training run to ``iterations`` in a fresh process.
 
     ``threads`` sets the process's torch threads (``OMP_NUM_THREADS``): float reductions,
