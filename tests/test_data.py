@@ -171,6 +171,55 @@ def test_stream_is_deterministic_complete_and_resumable(tmp_path):
         PromptStream([])
 
 
+def _plain_epochs(n: int, seed: int, epochs: int) -> list[int]:
+    """The stream's order without deferral: each epoch's shuffle, concatenated."""
+    import random
+    out: list[int] = []
+    for e in range(epochs):
+        order = list(range(n))
+        random.Random(f"prompt-stream:{seed}:{e}").shuffle(order)
+        out += order
+    return out
+
+
+@pytest.mark.parametrize("n,size", [(10, 4), (10, 7), (1000, 32), (33, 32)])
+def test_stream_batches_across_epochs_never_repeat_a_prompt(tmp_path, n, size):
+    prompts = read_prompts(write_jsonl(tmp_path / "s.jsonl",
+                                       [{"problem": f"P{i}", "answer": i} for i in range(n)])).prompts
+    index = {p.id: i for i, p in enumerate(prompts)}
+    plain_differs = 0
+    for seed in range(20):
+        stream = PromptStream(prompts, seed=seed)
+        batches = [[index[p.id] for p in stream.next_batch(size)] for _ in range(3 * n // size)]
+        flat = [i for b in batches for i in b]
+        assert all(len(set(b)) == size for b in batches)
+        # every epoch still visits every prompt once
+        assert all(sorted(flat[k:k + n]) == list(range(n)) for k in range(0, len(flat) - n + 1, n))
+        # where the plain order repeats no prompt within a batch, the stream is the plain order
+        plain = _plain_epochs(n, seed, 4)[:len(flat)]
+        plain_batches = [plain[k:k + size] for k in range(0, len(plain), size)]
+        if all(len(set(b)) == size for b in plain_batches):
+            assert flat == plain
+        else:
+            plain_differs += 1
+    assert plain_differs > 0  # the cases above do hit a repeat in the plain order
+
+
+def test_stream_resumes_after_a_deferral(tmp_path):
+    prompts = read_prompts(write_jsonl(tmp_path / "s.jsonl",
+                                       [{"problem": f"P{i}", "answer": i} for i in range(10)])).prompts
+    for seed in range(20):
+        a = PromptStream(prompts, seed=seed)
+        a.next_batch(7)
+        a.next_batch(7)  # spans epochs 0 and 1: 3 + 4 prompts
+        state = json.loads(json.dumps(a.state_dict()))
+        b = PromptStream(prompts, seed=0)
+        b.load_state_dict(state)
+        assert [p.id for p in b.next_batch(20)] == [p.id for p in a.next_batch(20)]
+    with pytest.raises(DataError, match="out of range"):
+        PromptStream(prompts).load_state_dict({**state, "deferred": [10]})
+
+
 def test_qwen_math_and_plain_templates():
     text = QwenMathCoTTemplate().render("  What is 1+1? \n")
     assert text == ("<|im_start|>system\nPlease reason step by step, and put your final answer "

@@ -266,7 +266,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["unknown-key", "missing-file", "no-valid-rows", "no-server"])
+@pytest.mark.parametrize("case", ["unknown-key", "missing-file", "no-valid-rows", "no-server",
+                                  "batch-over-data"])
 def test_failures_are_fast_and_clear(tmp_path, case):
     config = write_config(tmp_path)
     empty = tmp_path / "empty.jsonl"
@@ -277,6 +278,8 @@ def test_failures_are_fast_and_clear(tmp_path, case):
         "no-valid-rows": ([f"data.train_path={empty}", "data.on_bad_row=skip"], "no usable prompts"),
         "no-server": (["rollout.engine=sglang", f"rollout.urls=[http://127.0.0.1:{_free_port()}]",
                        "train.warmup_steps=500"], "unreachable"),
+        "batch-over-data": (["data.arithmetic_train_size=3", "train.warmup_steps=500"],
+                            "train.prompts_per_iteration (4) is more than the 3 prompts"),
     }[case]
     start = time.monotonic()
     done = run_subprocess(config, tmp_path / "run", overrides, timeout_s=60)

@@ -265,6 +265,12 @@ def _load_data(cfg: Any, tokenizer: Any, template: Any) -> tuple[Any, list]:
                  for spec in cfg.data.eval_paths]
     except (DataError, OSError) as exc:
         raise SetupError(str(exc)) from exc
+    batch = cfg.train.prompts_per_iteration
+    if batch > len(train.prompts):
+        # A batch would repeat prompts, and GVM needs one observation of a prompt per batch.
+        raise SetupError(f"train.prompts_per_iteration ({batch}) is more than the "
+                         f"{len(train.prompts)} prompts of data.train_path "
+                         f"({cfg.data.train_path}): a batch would repeat prompts")
     return train, evals
 
 
