@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gvm_mega.config.schema import AlgorithmConfig, OptimConfig, TrainConfig
-from gvm_mega.training import build_lr_scheduler, planned_optimizer_steps, scheduler_kwargs
+from gvm_mega.training import (build_lr_scheduler, planned_optimizer_steps, restore_scheduler,
+                               scheduler_kwargs)
 
 
 def _optimizer():
@@ -60,7 +61,31 @@ def test_state_round_trip_and_config_mismatch():
     changed = build_lr_scheduler(_optimizer(), OptimConfig(lr=2e-3, warmup_steps=1,
                                                            schedule="cosine"), 10)
     with pytest.raises(AssertionError, match="learning rate"):
-        changed.load_state_dict(state)
+        restore_scheduler(changed, state)
+
+
+def test_resume_into_a_longer_run_takes_the_new_span():
+    """Extending a finished run (a larger train.iterations on resume) keeps the step count;
+    megatron's plain load refuses the changed total."""
+    _, (_, const) = _lrs(OptimConfig(lr=3e-4), total=10, updates=10)
+    opt = _optimizer()
+    longer = build_lr_scheduler(opt, OptimConfig(lr=3e-4), 20)
+    with pytest.raises(AssertionError, match="total number of iterations"):
+        build_lr_scheduler(_optimizer(), OptimConfig(lr=3e-4), 20).load_state_dict(
+            const.state_dict())
+    restore_scheduler(longer, const.state_dict())
+    assert longer.num_steps == 10 and longer.lr_decay_steps == 20
+    assert opt.param_groups[0]["lr"] == 3e-4
+
+    cosine = OptimConfig(lr=1e-3, min_lr=0.0, warmup_steps=1, schedule="cosine")
+    _, (_, sched) = _lrs(cosine, total=10, updates=4)
+    opt = _optimizer()
+    restore_scheduler(build_lr_scheduler(opt, cosine, 19), sched.state_dict())
+    # from step 4 the decay now runs to step 19: 1e-3 * (1 + cos(pi * 3 / 18)) / 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi / 6)) / 2)
+    with pytest.raises(AssertionError, match="warmup"):
+        restore_scheduler(build_lr_scheduler(_optimizer(), OptimConfig(
+            lr=1e-3, min_lr=0.0, warmup_steps=2, schedule="cosine"), 19), sched.state_dict())
 
 
 def test_kwargs_and_errors():

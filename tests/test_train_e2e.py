@@ -4,6 +4,7 @@ failure modes that must stop early with a clear message."""
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import socket
 import time
@@ -207,11 +208,19 @@ def test_own_warm_start_first_iteration_equals_one_process(tmp_path):
     assert metrics(four)[0]["eval_accuracy"] == metrics(one)[0]["eval_accuracy"]
 
 
-def test_kill_and_resume_equals_uninterrupted(tiny, gvm_run):
+@pytest.fixture(scope="module")
+def three_iterations(tiny):
+    """An uninterrupted three-iteration run: what a resumed or extended run must equal."""
+    root, config, warm = tiny
+    whole = root / "whole"
+    assert run_in_process(config, whole, [f"checkpoint.load={warm}", "train.iterations=3"]) == 0
+    return whole
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny, three_iterations):
     root, config, warm = tiny
     overrides = [f"checkpoint.load={warm}", "train.iterations=3"]
-    whole = root / "whole"
-    assert run_in_process(config, whole, overrides) == 0
+    whole = three_iterations
 
     killed = root / "killed"
     proc = popen(config, killed, overrides)
@@ -229,6 +238,22 @@ def test_kill_and_resume_equals_uninterrupted(tiny, gvm_run):
     assert done.returncode == 0, done.stdout + done.stderr
     assert without_timing(metrics(killed)) == without_timing(metrics(whole))
     assert allocations(killed) == allocations(whole)
+
+
+def test_extending_a_finished_run_equals_the_longer_run(tiny, gvm_run, three_iterations):
+    """A finished two-iteration run resumed with ``train.iterations=3`` continues (the lr
+    schedule takes the new length) and matches the run that was three iterations long."""
+    root, config, warm = tiny
+    extended = root / "extended"
+    shutil.copytree(gvm_run, extended)
+    assert run_in_process(config, extended, [f"checkpoint.load={warm}",
+                                             "train.iterations=3"]) == 0
+    rows, whole = without_timing(metrics(extended)), without_timing(metrics(three_iterations))
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    # the only difference: the shorter run evaluated at its last iteration
+    assert rows[2].pop("eval_accuracy") is not None and whole[2].pop("eval_accuracy", None) is None
+    assert rows == whole
+    assert allocations(extended) == allocations(three_iterations)
 
 
 def test_count_stage1_allocates_the_totals(tiny):

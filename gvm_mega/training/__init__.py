@@ -48,7 +48,8 @@ from gvm_mega.training.packing import (
     plan_for_ranks,
     plan_micro_batches,
 )
-from gvm_mega.training.schedule import build_lr_scheduler, planned_optimizer_steps, scheduler_kwargs
+from gvm_mega.training.schedule import (build_lr_scheduler, planned_optimizer_steps,
+                                         restore_scheduler, scheduler_kwargs)
 from gvm_mega.training.step import Policy, StepReport, optimizer_config
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "aggregate", "build_lr_scheduler", "collate_micro_batch", "compute_loss", "grpo_advantages",
     "grpo_loss", "input_lengths", "k3_kl", "megatron_loss_scale", "min_micro_batches",
     "padded_cost", "plan_for_ranks", "plan_micro_batches", "planned_optimizer_steps",
-    "ppo_clip_loss", "raft_loss", "raft_plus_plus_loss", "reduce_metrics", "sample_advantages",
+    "ppo_clip_loss", "raft_loss", "raft_plus_plus_loss", "reduce_metrics", "restore_scheduler",
+    "sample_advantages",
     "scheduler_kwargs", "tensor_parallel_group", "vocab_parallel_logprobs",
 ]

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from gvm_mega.config import ConfigError
+from gvm_mega.training.schedule import restore_scheduler
 
 if TYPE_CHECKING:
     from gvm_mega.tokenizer import Tokenizer
@@ -266,7 +267,7 @@ class CheckpointManager:
             restored_optimizer = True
         if load_optimizer:  # else a fresh start from these weights: schedule from step 0
             if policy.scheduler is not None and meta.get("scheduler"):
-                policy.scheduler.load_state_dict(meta["scheduler"])
+                restore_scheduler(policy.scheduler, meta["scheduler"])
             policy.load_counters(meta.get("counters", {}))
         rng_file = path / RNG_DIR / f"rank{dist.get_rank():05d}.pt"
         same_layout = meta["layout"] == _layout()

@@ -10,6 +10,10 @@ at ``lr * k / warmup_steps`` during warmup (so with warmup the first update runs
 at ``lr`` from ``warmup_steps`` on (constant), or at
 ``min_lr + (lr - min_lr) * (1 + cos(pi * (k - w) / (total - w))) / 2`` (cosine), reaching
 ``min_lr`` at ``k = total_steps``. Weight decay stays at ``optim.weight_decay``.
+
+Resuming with a different ``train.iterations`` (extending a finished run) keeps the
+checkpoint's step count and lets the new run length set the span: a constant schedule goes on
+unchanged, a cosine one decays to ``min_lr`` at the new end from where the run stands.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ if TYPE_CHECKING:
 
     from gvm_mega.config.schema import AlgorithmConfig, OptimConfig, TrainConfig
 
-__all__ = ["build_lr_scheduler", "planned_optimizer_steps", "scheduler_kwargs"]
+__all__ = ["build_lr_scheduler", "planned_optimizer_steps", "restore_scheduler",
+           "scheduler_kwargs"]
 
 
 def planned_optimizer_steps(train: "TrainConfig", algorithm: "AlgorithmConfig") -> int:
@@ -67,9 +72,23 @@ def build_lr_scheduler(optimizer: Any, optim: "OptimConfig",
                        total_steps: int) -> "OptimizerParamScheduler":
     """Megatron's scheduler over ``optimizer`` (anything with ``param_groups``); sets lr now.
 
-    Loading a checkpointed scheduler state checks it against the config (a changed lr or
-    schedule is an error rather than a silent override).
+    Loading a checkpointed scheduler state (:func:`restore_scheduler`) checks it against the
+    config: a changed lr, warmup or schedule is an error rather than a silent override.
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(optimizer, **scheduler_kwargs(optim, total_steps))
+
+
+# Entries of megatron's scheduler state that follow the run's length, not the schedule's shape.
+_SPAN_KEYS = ("lr_decay_steps", "wd_incr_steps")
+
+
+def restore_scheduler(scheduler: "OptimizerParamScheduler", state: dict[str, Any]) -> None:
+    """Load a checkpointed scheduler ``state`` into ``scheduler`` built for this run.
+
+    The span (decay steps) is taken from ``scheduler``, i.e. from the run's current
+    ``train.iterations``, which may grow on resume; megatron's own check still refuses any
+    other difference (lr, min_lr, warmup, style) between the checkpoint and the config.
+    """
+    scheduler.load_state_dict({**state, **{k: getattr(scheduler, k) for k in _SPAN_KEYS}})
