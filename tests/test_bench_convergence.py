@@ -114,8 +114,25 @@ def test_speedup_two_x_never_reached_and_spread():
     assert grpo["baseline_samples"] == pytest.approx(800.0)  # first reaches 0.45 at the end
     assert "never reaches" in grpo["note"] and "0.4400" in grpo["note"]
 
+    # along raft++'s mean rise 0.1 -> 0.5 (0.1, 0.3, 0.5 at 0, 400, 800); GVM: 0.1, 0.5, 0.6
+    levels = raft["by_level"]
+    assert [lv["level"] for lv in levels] == [0.25, 0.5, 0.75, 1.0]
+    assert [lv["accuracy"] for lv in levels] == pytest.approx([0.2, 0.3, 0.4, 0.5])
+    assert [lv["baseline_samples"] for lv in levels] == pytest.approx([200, 400, 600, 800])
+    assert [lv["variant_samples"] for lv in levels] == pytest.approx([100, 200, 300, 400])
+    assert [lv["speedup"] for lv in levels] == pytest.approx([2.0, 2.0, 2.0, 2.0])
+    # a variant that never reaches the final accuracy still has the levels it does reach
+    # (grpo's mean rise 0.1 -> 0.45: 0.1875 at 233.3, 0.275 at 350, 0.3625 at 483.3)
+    assert [lv["accuracy"] for lv in grpo["by_level"]] == pytest.approx([0.1875, 0.275, 0.3625, 0.45])
+    assert [lv["speedup"] for lv in grpo["by_level"][:2]] == pytest.approx(
+        [233.3333 / 291.6667, 350 / 437.5], rel=1e-4)
+    assert grpo["by_level"][3]["variant_samples"] is None and grpo["by_level"][3]["speedup"] is None
+
     md = table_markdown(s)
     assert "| gvm-raft++ | raft++ | 0.5000 | 800 | 400 | 2.00x |" in md
+    assert ("- gvm-raft++ along raft++'s rise (share of the rise: accuracy, speedup): "
+            "25%: 0.2000, 2.00x, 50%: 0.3000, 2.00x, 75%: 0.4000, 2.00x, 100%: 0.5000, 2.00x") in md
+    assert "75%: 0.3625, 0.78x, 100%: 0.4500, never reached" in md  # 566.7 / 723.2
     assert "| gvm-grpo | grpo | 0.4500 | 800 | never reached | — |" in md
     assert "| raft++ | 2 | 0.5000 ± 0.1000 | 0.4000 – 0.6000 | 800 |" in md
 
@@ -162,6 +179,9 @@ def test_outputs_from_hand_made_runs(tmp_path):
     assert table["gvm_variants"][0]["baseline"] == "raft++"
     assert table["gvm_variants"][0]["variance_ratio_mean"] == pytest.approx(0.7)
     assert table["gvm_variants"][0]["variance_ratio_best_mean"] == pytest.approx(0.45)
+    by_level = table["gvm_variants"][0]["speedup_by_level"]
+    assert [lv["level"] for lv in by_level] == [0.25, 0.5, 0.75, 1.0]
+    assert by_level[-1]["speedup"] == pytest.approx(800 / 610)
     assert results["algorithms"]["gvm-raft++"]["variance_ratio_best"]["max"] == 0.5
     assert "variance_ratio" not in results["algorithms"]["raft++"]
     assert "| 1.31x | 0.70 | 0.45 |" in paths["table_md"].read_text()

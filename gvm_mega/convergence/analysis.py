@@ -10,6 +10,10 @@ seed-mean curves with linear interpolation between eval points. A baseline that 
 than ``min_gain`` above its own starting accuracy has not improved beyond evaluation noise,
 so no speedup is defined against it.
 
+That headline ratio is read at one accuracy, the baseline's last, which a baseline that
+flattens reaches late; ``by_level`` repeats the reading at a quarter, half, three quarters
+and all of the baseline's rise from its start, to show whether the gain holds along the way.
+
 A GVM run's curve also carries the mean over its iterations of the logged ``variance_ratio``
 (its allocation's gradient-variance proxy over uniform's) and ``variance_ratio_best`` (the
 best any allocation could do on the same statistics): what the allocation bought per
@@ -31,6 +35,8 @@ _EPS = 1e-12
 # Smallest rise of the baseline's seed-mean accuracy over its start that counts as learning:
 # about the standard error of a 3-seed mean difference on the demo's 1,440-sample eval.
 MIN_GAIN = 0.01
+# Accuracies at which the speedup is also read, as shares of the baseline's rise.
+LEVELS = (0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -140,9 +146,27 @@ class Speedup:
     speedup: Optional[float]
     reached: bool
     note: str
+    by_level: tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        return {**vars(self), "by_level": [dict(level) for level in self.by_level]}
+
+
+def speedup_by_level(variant_curve: Curve, baseline_curve: Curve,
+                     levels: Sequence[float] = LEVELS) -> tuple[dict, ...]:
+    """Samples each curve first needs to reach accuracies part of the way up the baseline's
+    rise (``level`` = share of the rise from its start to its final accuracy), and their
+    ratio (None where the variant never reaches the level)."""
+    start, final = baseline_curve.accuracy[0], baseline_curve.final_accuracy
+    out = []
+    for level in levels:
+        target = start + level * (final - start)
+        base_n = samples_to_reach(baseline_curve, target)
+        var_n = samples_to_reach(variant_curve, target)
+        ratio = base_n / var_n if base_n and var_n else None
+        out.append({"level": level, "accuracy": target, "baseline_samples": base_n,
+                    "variant_samples": var_n, "speedup": ratio})
+    return tuple(out)
 
 
 def speedup(variant: str, variant_curve: Curve, baseline: str, baseline_curve: Curve, *,
@@ -162,14 +186,16 @@ def speedup(variant: str, variant_curve: Curve, baseline: str, baseline_curve: C
     if var_n is None:
         return Speedup(variant, baseline, target, base_n, None, None, False,
                        f"{variant} never reaches {baseline}'s final accuracy {target:.4f} "
-                       f"(its best is {max(variant_curve.accuracy):.4f})")
+                       f"(its best is {max(variant_curve.accuracy):.4f})",
+                       speedup_by_level(variant_curve, baseline_curve))
     if base_n <= 0 or var_n <= 0:
         return Speedup(variant, baseline, target, base_n, var_n, None, True,
                        f"{baseline}'s final accuracy {target:.4f} is already reached before "
                        f"any RL sample (no improvement over the warm start): speedup undefined")
     return Speedup(variant, baseline, target, base_n, var_n, base_n / var_n, True,
                    f"{variant} reaches {target:.4f} after {var_n:.0f} samples, "
-                   f"{baseline} after {base_n:.0f}")
+                   f"{baseline} after {base_n:.0f}",
+                   speedup_by_level(variant_curve, baseline_curve))
 
 
 def spread(values: Sequence[float]) -> dict:
@@ -249,6 +275,13 @@ def table_markdown(summary: Mapping) -> str:
                          f"{_fmt(s['speedup'], '.2f')}{'x' if s['speedup'] is not None else ''} | "
                          f"{ratios[0]} | {ratios[1]} |")
         notes = [f"- {name}: {s['note']}" for name, s in summary["speedups"].items()]
+        notes += [f"- {name} along {s['baseline']}'s rise (share of the rise: accuracy, "
+                  "speedup): " + ", ".join(
+                      f"{level['level']:.0%}: {level['accuracy']:.4f}, "
+                      + (f"{level['speedup']:.2f}x" if level["speedup"] is not None
+                         else "never reached")
+                      for level in s["by_level"])
+                  for name, s in summary["speedups"].items() if s.get("by_level")]
         if any(summary["algorithms"].get(name, {}).get("variance_ratio_best")
                for name in summary["speedups"]):
             notes.append("- variance ratio: the allocation's gradient-variance proxy over "

@@ -34,6 +34,8 @@ def table_rows(summary: Mapping) -> dict:
                  "baseline_samples": s["baseline_samples"],
                  "variant_samples": s["variant_samples"], "reached": s["reached"],
                  "speedup": s["speedup"],
+                 "speedup_by_level": [{k: level[k] for k in ("level", "accuracy", "speedup")}
+                                      for level in s.get("by_level", [])],
                  **{f"{key}_mean": (summary["algorithms"].get(name, {}).get(key) or {}).get("mean")
                     for key in ("variance_ratio", "variance_ratio_best")}}
                 for name, s in summary["speedups"].items()]
