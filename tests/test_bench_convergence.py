@@ -446,3 +446,7 @@ def test_jobs_train_arms_at_once_on_fixed_threads(tmp_path, monkeypatch):
     for bad in ("--jobs", "--threads"):
         with pytest.raises(CLIError, match=f"{bad} 0: must be >= 1"):
             bench.plan(_parse("--out", str(tmp_path), bad, "0"))
+    # without --jobs: as many arms at once as the CPUs this process may use hold --threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert bench.plan(_parse("--out", str(tmp_path), "--threads", "2")).jobs == 2
+    assert bench.plan(_parse("--out", str(tmp_path), "--threads", "8")).jobs == 1

@@ -18,7 +18,6 @@ An override written ``ALGORITHM:section.key=value`` applies to that algorithm's 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -177,7 +176,9 @@ def plan(args: argparse.Namespace) -> Plan:
         _fail(f"--threads {threads}: must be >= 1")
     jobs = getattr(args, "jobs", None)
     if jobs is None:
-        jobs = max(1, _usable_cpus() // threads)
+        from gvm_mega.parallel.launch_env import usable_cpus
+
+        jobs = max(1, usable_cpus() // threads)
     elif jobs < 1:
         _fail(f"--jobs {jobs}: must be >= 1")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
@@ -211,13 +212,6 @@ def plan(args: argparse.Namespace) -> Plan:
     return Plan(config=config, shared=shared, cfg=cfg, seeds=seeds, algorithms=algorithms,
                 uniform_n=int(per_prompt), out=out, per_algorithm=per_algorithm,
                 min_gain=args.min_gain, jobs=jobs, threads=threads)
-
-
-def _usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 # Keys whose per-algorithm values would make the arms incomparable (different prompts,

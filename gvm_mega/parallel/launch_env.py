@@ -13,7 +13,8 @@ import socket
 from dataclasses import dataclass
 from typing import Literal, Mapping, Optional
 
-__all__ = ["LaunchEnv", "detect_launch_env", "expand_slurm_nodelist", "find_free_port"]
+__all__ = ["LaunchEnv", "detect_launch_env", "expand_slurm_nodelist", "find_free_port",
+           "usable_cpus"]
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -128,3 +129,12 @@ def detect_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside a world of size {world} ({source} environment)")
     return LaunchEnv(rank, world, local, addr, port, source)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, as under SLURM
+    or taskset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

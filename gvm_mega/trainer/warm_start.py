@@ -94,10 +94,9 @@ def warm_start_ready(run_dir: str | Path) -> bool:
 
 def warm_start_threads() -> int:
     """The warm start's thread count: every CPU this process may use, whatever the layout."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    from gvm_mega.parallel.launch_env import usable_cpus
+
+    return usable_cpus()
 
 
 def run_warm_start_process(config_path: str | Path, run_dir: str | Path, *,
