@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from gvm_mega.convergence import (Curve, curve_from_records, load_curve, mean_curve,
-                                  samples_to_reach, summarise, table_markdown, write_outputs)
+                                  samples_to_reach, seed_bootstrap, summarise, table_markdown,
+                                  write_outputs)
 from gvm_mega.convergence.arms import echo_line, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +165,41 @@ def test_speedup_interpolated_and_undefined_cases():
     assert "no finished run of grpo" in alone["speedups"]["gvm-grpo"]["note"]
 
 
+def test_seed_bootstrap_spreads_the_speedup_over_redrawn_seeds():
+    base = [_curve([0, 400, 800], [0.1, 0.3, 0.5])] * 2
+    # identical seeds: every draw is the headline 2x
+    boot = seed_bootstrap([_curve([0, 400, 800], [0.1, 0.5, 0.6])] * 2, base)
+    assert [q["speedup"] for q in boot["quantiles"]] == pytest.approx([2.0, 2.0, 2.0])
+    assert boot["share_at_target"] == 1.0 and boot["never_reached"] == boot["undefined"] == 0
+    # one variant seed reaches 0.5 at 400 (2x), the other never does: a draw of the second
+    # twice (1 in 4) never reaches it and counts as 0x; a mixed draw (0.1, 0.45, 0.525)
+    # reaches 0.5 at 666.7: 1.2x
+    fast, stuck = _curve([0, 400, 800], [0.1, 0.5, 0.6]), _curve([0, 400, 800], [0.1, 0.4, 0.45])
+    boot = seed_bootstrap([fast, stuck], base, draws=2000)
+    assert boot["never_reached"] == pytest.approx(500, abs=80)
+    assert boot["share_at_target"] == pytest.approx(0.25, abs=0.04)
+    assert [q["speedup"] for q in boot["quantiles"]] == pytest.approx([0.0, 1.2, 2.0])
+    assert boot == seed_bootstrap([fast, stuck], base, draws=2000)  # seeded
+    # a redrawn baseline that does not learn leaves its draws out
+    flat = _curve([0, 400, 800], [0.1, 0.1, 0.1])
+    boot = seed_bootstrap([fast, fast], [base[0], flat], draws=2000)
+    assert boot["undefined"] == pytest.approx(500, abs=80)
+    # of the rest a third are the learning seed twice (2x) and two thirds mixed: baseline
+    # (0.1, 0.2, 0.3) reaches 0.3 at 800, GVM at 200 (4x)
+    assert [q["speedup"] for q in boot["quantiles"]] == pytest.approx([2.0, 4.0, 4.0])
+    # a single seed has nothing to redraw
+    assert seed_bootstrap([fast], base) is None
+
+    s = summarise({"raft++": base, "gvm-raft++": [fast, stuck]})
+    assert s["speedups"]["gvm-raft++"]["seed_bootstrap"]["draws"] == 1000
+    assert ("- gvm-raft++ speedup over 1000 redraws of the seeds: 10%: 0.00x, 50%: 1.20x, "
+            "90%: 2.00x; at least 2x in 2") in table_markdown(s)
+    assert "never reached in 2" in table_markdown(s)
+    single = summarise({"raft++": base[:1], "gvm-raft++": [fast]})
+    assert single["speedups"]["gvm-raft++"]["seed_bootstrap"] is None
+    assert "redraws" not in table_markdown(single)
+
+
 def test_outputs_from_hand_made_runs(tmp_path):
     curves = {"raft++": [_curve([0, 400, 800], [0.1, 0.3, 0.5])],
               "gvm-raft++": [Curve((0, 1, 2), (0.0, 400.0, 800.0), (0.1, 0.5, 0.6), 0.6, 0.4),
@@ -185,6 +221,7 @@ def test_outputs_from_hand_made_runs(tmp_path):
     assert results["algorithms"]["gvm-raft++"]["variance_ratio_best"]["max"] == 0.5
     assert "variance_ratio" not in results["algorithms"]["raft++"]
     assert "| 1.31x | 0.70 | 0.45 |" in paths["table_md"].read_text()
+    assert table["gvm_variants"][0]["speedup_seed_bootstrap"] is None  # one baseline seed
     assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -6,10 +6,10 @@ start, then every (algorithm, seed) arm in its own process, and writes ``results
 ``metrics.jsonl`` files.
 """
 from gvm_mega.convergence.analysis import (BASELINES, Curve, Speedup, curve_from_records,
-                                           load_curve, mean_curve, samples_to_reach, speedup,
-                                           summarise, table_markdown)
+                                           load_curve, mean_curve, samples_to_reach,
+                                           seed_bootstrap, speedup, summarise, table_markdown)
 from gvm_mega.convergence.report import draw_curves, table_rows, write_outputs
 
 __all__ = ["BASELINES", "Curve", "Speedup", "curve_from_records", "draw_curves", "load_curve",
-           "mean_curve", "samples_to_reach", "speedup", "summarise", "table_markdown",
-           "table_rows", "write_outputs"]
+           "mean_curve", "samples_to_reach", "seed_bootstrap", "speedup", "summarise",
+           "table_markdown", "table_rows", "write_outputs"]

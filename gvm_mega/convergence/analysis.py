@@ -14,6 +14,10 @@ That headline ratio is read at one accuracy, the baseline's last, which a baseli
 flattens reaches late; ``by_level`` repeats the reading at a quarter, half, three quarters
 and all of the baseline's rise from its start, to show whether the gain holds along the way.
 
+Three seeds make a noisy mean, and the headline ratio reads it at one point, so
+``seed_bootstrap`` redraws each arm's seeds with replacement and recomputes the ratio: its
+quantiles over draws say how much of the headline is down to which seeds ran.
+
 A GVM run's curve also carries the mean over its iterations of the logged ``variance_ratio``
 (its allocation's gradient-variance proxy over uniform's) and ``variance_ratio_best`` (the
 best any allocation could do on the same statistics): what the allocation bought per
@@ -37,6 +41,11 @@ _EPS = 1e-12
 MIN_GAIN = 0.01
 # Accuracies at which the speedup is also read, as shares of the baseline's rise.
 LEVELS = (0.25, 0.5, 0.75, 1.0)
+# Seed redraws behind the speedup's spread, the quantiles reported, and the speedup whose
+# share of draws is reported (the low end of the 2-4x the GVM-RAFT paper reports).
+BOOTSTRAP_DRAWS = 1000
+BOOTSTRAP_QUANTILES = (0.1, 0.5, 0.9)
+TARGET_SPEEDUP = 2.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,44 @@ def speedup(variant: str, variant_curve: Curve, baseline: str, baseline_curve: C
                    speedup_by_level(variant_curve, baseline_curve))
 
 
+def seed_bootstrap(variant_runs: Sequence[Curve], baseline_runs: Sequence[Curve], *,
+                   draws: int = BOOTSTRAP_DRAWS, min_gain: float = MIN_GAIN,
+                   seed: int = 0) -> Optional[dict]:
+    """The headline speedup over seed redraws: each draw picks every arm's seeds anew with
+    replacement, averages them and reads the speedup as :func:`speedup` does.
+
+    A draw where the variant never reaches the baseline's final accuracy counts as speedup 0
+    (below any measured one) and is counted in ``never_reached``; a draw without a defined
+    speedup (the redrawn baseline does not learn) is left out and counted in ``undefined``.
+    None when either arm has a single seed: there is nothing to redraw. Seeded, so the same
+    runs give the same numbers.
+    """
+    if len(variant_runs) < 2 or len(baseline_runs) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values: list[float] = []
+    never = undefined = 0
+    for _ in range(draws):
+        picked = [[runs[i] for i in rng.integers(len(runs), size=len(runs))]
+                  for runs in (variant_runs, baseline_runs)]
+        s = speedup("variant", mean_curve(picked[0]), "baseline", mean_curve(picked[1]),
+                    min_gain=min_gain)
+        if s.speedup is not None:
+            values.append(s.speedup)
+        elif s.baseline_samples is not None and not s.reached:
+            values.append(0.0)
+            never += 1
+        else:
+            undefined += 1
+    out = {"draws": draws, "never_reached": never, "undefined": undefined,
+           "quantiles": None, "target_speedup": TARGET_SPEEDUP, "share_at_target": None}
+    if values:
+        qs = np.quantile(np.asarray(values), BOOTSTRAP_QUANTILES)
+        out["quantiles"] = [{"q": q, "speedup": float(v)} for q, v in zip(BOOTSTRAP_QUANTILES, qs)]
+        out["share_at_target"] = float(np.mean(np.asarray(values) >= TARGET_SPEEDUP))
+    return out
+
+
 def spread(values: Sequence[float]) -> dict:
     """Mean, population std, min and max of per-seed values."""
     a = np.asarray(values, dtype=np.float64)
@@ -241,6 +288,8 @@ def summarise(curves: Mapping[str, Sequence[Curve]], *, min_gain: float = MIN_GA
             continue
         speedups[variant] = speedup(variant, means[variant], base, means[base],
                                     min_gain=min_gain).to_dict()
+        speedups[variant]["seed_bootstrap"] = seed_bootstrap(curves[variant], curves[base],
+                                                             min_gain=min_gain)
     return {"algorithms": algorithms, "speedups": speedups}
 
 
@@ -282,6 +331,8 @@ def table_markdown(summary: Mapping) -> str:
                          else "never reached")
                       for level in s["by_level"])
                   for name, s in summary["speedups"].items() if s.get("by_level")]
+        notes += [_bootstrap_line(name, s["seed_bootstrap"])
+                  for name, s in summary["speedups"].items() if s.get("seed_bootstrap")]
         if any(summary["algorithms"].get(name, {}).get("variance_ratio_best")
                for name in summary["speedups"]):
             notes.append("- variance ratio: the allocation's gradient-variance proxy over "
@@ -291,3 +342,16 @@ def table_markdown(summary: Mapping) -> str:
                          "samples per iteration, and no allocation can do better than 1 / best.")
         lines += [""] + notes
     return "\n".join(lines) + "\n"
+
+
+def _bootstrap_line(name: str, boot: Mapping) -> str:
+    line = f"- {name} speedup over {boot['draws']} redraws of the seeds: "
+    if boot["quantiles"] is None:
+        return line + "undefined in every draw (the redrawn baseline does not learn)"
+    line += ", ".join(f"{q['q']:.0%}: {q['speedup']:.2f}x" for q in boot["quantiles"])
+    line += f"; at least {boot['target_speedup']:g}x in {boot['share_at_target']:.0%} of draws"
+    if boot["never_reached"]:
+        line += f"; never reached in {boot['never_reached']}"
+    if boot["undefined"]:
+        line += f"; undefined in {boot['undefined']}"
+    return line

@@ -36,6 +36,7 @@ def table_rows(summary: Mapping) -> dict:
                  "speedup": s["speedup"],
                  "speedup_by_level": [{k: level[k] for k in ("level", "accuracy", "speedup")}
                                       for level in s.get("by_level", [])],
+                 "speedup_seed_bootstrap": s.get("seed_bootstrap"),
                  **{f"{key}_mean": (summary["algorithms"].get(name, {}).get(key) or {}).get("mean")
                     for key in ("variance_ratio", "variance_ratio_best")}}
                 for name, s in summary["speedups"].items()]
