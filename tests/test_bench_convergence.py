@@ -487,3 +487,15 @@ def test_jobs_train_arms_at_once_on_fixed_threads(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
     assert bench.plan(_parse("--out", str(tmp_path), "--threads", "2")).jobs == 2
     assert bench.plan(_parse("--out", str(tmp_path), "--threads", "8")).jobs == 1
+
+
+def test_curve_styles_give_every_algorithm_its_own_colour():
+    from gvm_mega.convergence.report import curve_styles
+
+    palette = ["c0", "c1", "c2"]
+    styles = curve_styles(["raft++", "gvm-raft++", "grpo", "gvm-grpo"], palette)
+    assert styles["raft++"] == ("c0", "-")
+    assert styles["gvm-raft++"] == ("c1", "--")
+    # more algorithms than colours: the palette wraps, the dash still tells GVM apart
+    assert styles["gvm-grpo"] == ("c0", "--")
+    assert styles["raft++"][0] != styles["gvm-raft++"][0]

@@ -59,6 +59,13 @@ def write_outputs(out: Path, summary: Mapping, curves: Mapping[str, Sequence[Cur
     return paths
 
 
+def curve_styles(names: Sequence[str], palette: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """``name -> (colour, line style)``: every algorithm its own colour, so overlapping seed
+    bands stay apart; GVM variants dashed, uniform baselines solid."""
+    return {name: (palette[i % len(palette)], "--" if name.startswith("gvm-") else "-")
+            for i, name in enumerate(dict.fromkeys(names))}
+
+
 def draw_curves(curves: Mapping[str, Sequence[Curve]], out: Path, *,
                 title: Optional[str] = None) -> Path:
     """Eval accuracy against samples_total: per algorithm the seed-mean line and the
@@ -73,9 +80,7 @@ def draw_curves(curves: Mapping[str, Sequence[Curve]], out: Path, *,
 
     fig = Figure(figsize=(7.5, 4.8), dpi=100, layout="constrained")
     ax = fig.subplots()
-    # a GVM variant shares its baseline's colour (dashed against solid)
-    families = list(dict.fromkeys(name.removeprefix("gvm-") for name in curves))
-    palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = curve_styles(list(curves), matplotlib.rcParams["axes.prop_cycle"].by_key()["color"])
     drawn = 0
     for name, runs in curves.items():
         if not runs:
@@ -83,8 +88,7 @@ def draw_curves(curves: Mapping[str, Sequence[Curve]], out: Path, *,
         mean = mean_curve(runs)
         rows = [[c.accuracy[c.iterations.index(it)] for it in mean.iterations] for c in runs]
         acc = np.asarray(rows)
-        style = "--" if name.startswith("gvm-") else "-"
-        color = palette[families.index(name.removeprefix("gvm-")) % len(palette)]
+        color, style = styles[name]
         ax.plot(mean.samples, mean.accuracy, style, marker="o", markersize=3, color=color,
                 label=f"{name} ({len(runs)} seed{'s' if len(runs) != 1 else ''})")
         if len(runs) > 1:
