@@ -378,17 +378,18 @@ def test_per_algorithm_overrides_reach_only_their_arms(tmp_path, monkeypatch):
     args = _parse("--out", str(tmp_path), "--seeds", "1", "--algorithms", "raft++,grpo",
                   "grpo:optim.lr=3e-5", "train.iterations=2", "train.eval_every=1")
     assert bench.main(args) == 0
-    assert not any(o.startswith("optim.lr") for o in seen["raft++-seed1234"])
+    assert [o for o in seen["raft++-seed1234"] if o.startswith("optim.lr")] == ["optim.lr=2e-4"]
     assert not any(o.startswith("optim.lr") for o in seen["warm_start"])
     grpo = seen["grpo-seed1234"]
     # after the shared overrides and the default GRPO rate, before what the benchmark sets
     assert grpo.index("optim.lr=3e-5") > grpo.index("train.eval_every=1")
-    assert grpo.index("optim.lr=3e-5") > grpo.index("optim.lr=1e-5")
+    assert grpo.index("optim.lr=3e-5") > grpo.index("optim.lr=5e-5")
     assert grpo.index("optim.lr=3e-5") < grpo.index("algorithm.name=grpo")
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["command"]["per_algorithm"] == {"grpo": ["optim.lr=1e-5", "optim.lr=3e-5"]}
+    expected = {"raft++": ["optim.lr=2e-4"], "grpo": ["optim.lr=5e-5", "optim.lr=3e-5"]}
+    assert results["command"]["per_algorithm"] == expected
     settings = json.loads((tmp_path / "settings.json").read_text())
-    assert settings["per_algorithm"] == {"grpo": ["optim.lr=1e-5", "optim.lr=3e-5"]}
+    assert settings["per_algorithm"] == expected
 
     other = _parse("--out", str(tmp_path), "--seeds", "1", "--algorithms", "raft++,grpo",
                    "grpo:optim.lr=2e-5", "train.iterations=2", "train.eval_every=1")
@@ -413,20 +414,36 @@ def test_bad_per_algorithm_overrides_are_refused(tmp_path, override, message):
         bench.plan(args)
 
 
-def test_default_size_runs_grpo_at_its_own_learning_rate(tmp_path):
+def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
+    """The default size: any-order task, N' = 2 + 2 per prompt, RAFT++ at 2e-4 and GRPO at
+    5e-5, the GVM arms with per-draw weights, large alpha, counted pre-samples and posterior
+    estimates; a key given for every arm replaces the per-algorithm defaults."""
     from gvm_mega.config import load_config
     from gvm_mega.convergence import bench
 
     p = bench.plan(_parse("--out", str(tmp_path)))
     assert p.algorithms == ["raft++", "gvm-raft++", "grpo", "gvm-grpo"]
-    lrs = {a: load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path)).optim.lr
-           for a in p.algorithms}
-    assert lrs == {"raft++": 1e-4, "gvm-raft++": 1e-4, "grpo": 1e-5, "gvm-grpo": 1e-5}
+    assert (p.cfg.train.iterations, p.cfg.gvm.presample_n, p.cfg.gvm.budget_per_prompt,
+            p.uniform_n, p.cfg.data.arithmetic_solutions) == (120, 2, 2, 4, "any-order")
+    cfgs = {a: load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path))
+            for a in p.algorithms}
+    assert {a: c.optim.lr for a, c in cfgs.items()} == {
+        "raft++": 2e-4, "gvm-raft++": 2e-4, "grpo": 5e-5, "gvm-grpo": 5e-5}
+    for a in ("gvm-raft++", "gvm-grpo"):
+        c = cfgs[a]
+        assert (c.algorithm.prompt_weight, c.gvm.alpha, c.gvm.count_stage1,
+                c.gvm.estimator) == ("per-draw", 100, True, "posterior")
+    demo = load_config(p.config, [])
+    for a in ("raft++", "grpo"):  # the uniform arms keep the config's GVM settings
+        assert (cfgs[a].algorithm.prompt_weight, cfgs[a].gvm.estimator) == (
+            demo.algorithm.prompt_weight, demo.gvm.estimator)
     assert bench.plan(_parse("--quick", "--out", str(tmp_path))).per_algorithm == {}
-    # a learning rate given for every arm is not overridden by the GRPO default
-    p = bench.plan(_parse("--out", str(tmp_path), "optim.lr=3e-4"))
-    assert p.per_algorithm == {}
+    # a key given for every arm is not overridden by a per-algorithm default
+    p = bench.plan(_parse("--out", str(tmp_path), "optim.lr=3e-4", "gvm.alpha=1"))
     assert load_config(p.config, bench.arm_overrides(p, "grpo", 1, tmp_path)).optim.lr == 3e-4
+    gvm = load_config(p.config, bench.arm_overrides(p, "gvm-raft++", 1, tmp_path))
+    assert (gvm.optim.lr, gvm.gvm.alpha, gvm.gvm.estimator) == (3e-4, 1, "posterior")
+    assert "raft++" not in p.per_algorithm
 
 
 def test_min_gain_option_is_checked_and_recorded(tmp_path):
@@ -499,3 +516,28 @@ def test_curve_styles_give_every_algorithm_its_own_colour():
     # more algorithms than colours: the palette wraps, the dash still tells GVM apart
     assert styles["gvm-grpo"] == ("c0", "--")
     assert styles["raft++"][0] != styles["gvm-raft++"][0]
+
+
+def test_earlier_default_size_is_reproducible_with_overrides(tmp_path):
+    """BENCHMARKS.md's older commands ran on the earlier default size (in-order task, 16 per
+    prompt, 60 iterations, the config's GVM settings, GRPO at 1e-5); the overrides it gives
+    must still bring every arm back to it."""
+    from gvm_mega.config import load_config
+    from gvm_mega.convergence import bench
+
+    earlier = ("data.arithmetic_solutions=in-order train.warmup_steps=600 train.iterations=60 "
+               "gvm.presample_n=8 gvm.budget_per_prompt=8 algorithm.prompt_weight=pooled "
+               "gvm.alpha=1e-3 gvm.count_stage1=false gvm.estimator=per-iteration "
+               "optim.lr=1e-4 grpo:optim.lr=1e-5 gvm-grpo:optim.lr=1e-5").split()
+    p = bench.plan(_parse("--out", str(tmp_path), *earlier))
+    demo = load_config(p.config, [])
+    assert p.uniform_n == 16
+    assert load_config(p.config, p.shared).train.warmup_steps == demo.train.warmup_steps
+    for a in p.algorithms:
+        c = load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path))
+        assert (c.train.iterations, c.data.arithmetic_solutions) == (60, "in-order")
+        assert (c.gvm.presample_n, c.gvm.budget_per_prompt, c.gvm.alpha, c.gvm.estimator,
+                c.gvm.count_stage1, c.algorithm.prompt_weight) == (
+            demo.gvm.presample_n, demo.gvm.budget_per_prompt, demo.gvm.alpha,
+            demo.gvm.estimator, demo.gvm.count_stage1, demo.algorithm.prompt_weight)
+        assert c.optim.lr == (1e-5 if a.endswith("grpo") else demo.optim.lr)
