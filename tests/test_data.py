@@ -220,6 +220,33 @@ def test_stream_resumes_after_a_deferral(tmp_path):
         PromptStream(prompts).load_state_dict({**state, "deferred": [10]})
 
 
+def test_builtin_levels_above_worked_max_level_lose_their_worked_solutions(tmp_path):
+    """``data.arithmetic_worked_max_level``: the same problems, but the harder levels carry no
+    worked solution, so the warm start learns only the easier ones."""
+    from gvm_mega.trainer.warm_start import sft_pairs
+
+    base = apply_overrides(Config(), ["data.arithmetic_train_size=80",
+                                      "data.arithmetic_max_level=3",
+                                      "data.arithmetic_solutions=any-order"]).data
+    full = load_prompts("builtin:arithmetic", base)
+    cut = load_prompts("builtin:arithmetic", replace(base, arithmetic_worked_max_level=1))
+    assert [(p.id, p.problem, p.answer) for p in cut] == [(p.id, p.problem, p.answer)
+                                                           for p in full]
+    for a, b in zip(full, cut):
+        if a.meta["level"] <= 1:
+            assert (b.solution, b.other_solutions) == (a.solution, a.other_solutions)
+        else:
+            assert a.solution and (b.solution, b.other_solutions) == (None, ())
+    assert {p.meta["level"] for p in cut} == {0, 1, 2, 3}
+    tok, template = builtin_tokenizer(tmp_path / "cache"), PlainTemplate()
+    easy = sum(p.meta["level"] <= 1 for p in full)
+    assert len(sft_pairs(cut.prompts, template, tok)) == easy < len(full)
+    with pytest.raises(DataError, match=r"data.arithmetic_worked_max_level \(0\) is below "
+                                        r"data.arithmetic_min_level \(1\)"):
+        load_prompts("builtin:arithmetic", replace(base, arithmetic_min_level=1,
+                                                   arithmetic_worked_max_level=0))
+
+
 def test_qwen_math_and_plain_templates():
     text = QwenMathCoTTemplate().render("  What is 1+1? \n")
     assert text == ("<|im_start|>system\nPlease reason step by step, and put your final answer "

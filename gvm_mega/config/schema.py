@@ -82,6 +82,11 @@ class DataConfig:
     arithmetic_solutions: Literal["in-order", "any-order"] = option(
         "in-order", help="built-in worked solutions: left to right (one correct path per "
                          "problem), or terms in any order (several)")
+    arithmetic_worked_max_level: Optional[int] = option(
+        None, ge=0, le=9, help="hardest built-in level whose problems keep their worked "
+                               "solutions (default: every level); harder problems stay in the "
+                               "RL prompts and the eval but not in the supervised warm start, "
+                               "like problems beyond a model's reach in a real dataset")
 
 
 @dataclass

@@ -33,6 +33,15 @@ def _builtin(spec: str, cfg: Any) -> PromptSet:
         key = "arithmetic_test_size" if split == "test" else "arithmetic_train_size"
         raise DataError(f"{spec}: {exc} (data.{key}={size}, data.arithmetic_min_level.."
                         f"arithmetic_max_level)") from None
+    worked = cfg.arithmetic_worked_max_level
+    if worked is not None:
+        if worked < cfg.arithmetic_min_level:
+            raise DataError(f"data.arithmetic_worked_max_level ({worked}) is below "
+                            f"data.arithmetic_min_level ({cfg.arithmetic_min_level}): no "
+                            f"problem would keep a worked solution")
+        prompts = [p if p.meta["level"] <= worked else replace(p, solution=None,
+                                                                 other_solutions=())
+                   for p in prompts]
     stats = ReadStats(source=spec, rows=len(prompts), kept=len(prompts))
     return PromptSet(prompts, stats)
 
