@@ -12,6 +12,8 @@ import importlib
 # name -> (module implementing it, one-line summary for the listing)
 BENCHMARKS = {
     "allocation": ("gvm_mega.allocation.bench", "GVM allocation: vectorised numpy vs a per-prompt loop"),
+    "ceiling": ("gvm_mega.convergence.ceiling",
+                "what allocation could buy at a checkpoint: many draws per prompt vs GVM's N'"),
     "convergence": ("gvm_mega.convergence.bench",
                     "GVM vs uniform RAFT++/GRPO: held-out accuracy per sample, speedup"),
     "gradnorm": ("gvm_mega.gradnorm.bench", "per-response gradient norms: batched vs autograd loop"),
