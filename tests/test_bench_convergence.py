@@ -431,8 +431,8 @@ def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
         "raft++": 2e-4, "gvm-raft++": 2e-4, "grpo": 5e-5, "gvm-grpo": 5e-5}
     for a in ("gvm-raft++", "gvm-grpo"):
         c = cfgs[a]
-        assert (c.algorithm.prompt_weight, c.gvm.alpha, c.gvm.count_stage1,
-                c.gvm.estimator) == ("per-draw", 100, True, "posterior")
+        assert (c.algorithm.prompt_weight, c.gvm.alpha, c.gvm.count_stage1, c.gvm.estimator,
+                c.gvm.prior_a, c.gvm.prior_b) == ("per-draw", 100, True, "posterior", 3, 1)
     demo = load_config(p.config, [])
     for a in ("raft++", "grpo"):  # the uniform arms keep the config's GVM settings
         assert (cfgs[a].algorithm.prompt_weight, cfgs[a].gvm.estimator) == (
@@ -444,6 +444,13 @@ def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
     gvm = load_config(p.config, bench.arm_overrides(p, "gvm-raft++", 1, tmp_path))
     assert (gvm.optim.lr, gvm.gvm.alpha, gvm.gvm.estimator) == (3e-4, 1, "posterior")
     assert "raft++" not in p.per_algorithm
+    # BENCHMARKS' runs from before the Beta(3, 1) prior: the prefix it gives brings back
+    # Beta(1, 1) on both GVM arms and changes nothing else
+    p = bench.plan(_parse("--out", str(tmp_path), "gvm.prior_a=1", "gvm.prior_b=1"))
+    for a in p.algorithms:
+        c = load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path))
+        assert (c.gvm.prior_a, c.gvm.prior_b) == (1, 1)
+        assert c.optim.lr == cfgs[a].optim.lr and c.gvm.alpha == cfgs[a].gvm.alpha
 
 
 def test_min_gain_option_is_checked_and_recorded(tmp_path):

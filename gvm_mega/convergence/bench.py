@@ -51,9 +51,11 @@ DEFAULT_SIZE = (
 )
 # What makes a GVM arm aim at mean accuracy and use all it knows: every sample weighs the same
 # (per-draw) with n_i ~ G_i sqrt(p_i) (large alpha at beta 2), the reused pre-samples counted
-# in n_i, and p_i, G_i estimated from every visit of a prompt, not only this iteration's.
+# in n_i, and p_i, G_i estimated from every visit of a prompt, not only this iteration's, with
+# a Beta(3, 1) prior near the task's acceptance rate: from two draws, Beta(1, 1) pulls p_i
+# toward 0.5 and spreads the estimates more than the truth (`bench ceiling`, BENCHMARKS.md).
 GVM_DEFAULTS = ("algorithm.prompt_weight=per-draw", "gvm.alpha=100", "gvm.count_stage1=true",
-                "gvm.estimator=posterior")
+                "gvm.estimator=posterior", "gvm.prior_a=3", "gvm.prior_b=1")
 # Per-algorithm settings of the default size, before the user's ALGORITHM: overrides (a key
 # the user sets for every arm replaces them). RAFT++ rises sooner at 2e-4 than at the demo's
 # 1e-4, and GVM-RAFT++ collapses in some seeds at 4e-4; GRPO collapses at 1e-4 and at 4
