@@ -535,7 +535,7 @@ def test_earlier_default_size_is_reproducible_with_overrides(tmp_path):
     earlier = ("data.arithmetic_solutions=in-order train.warmup_steps=600 train.iterations=60 "
                "gvm.presample_n=8 gvm.budget_per_prompt=8 algorithm.prompt_weight=pooled "
                "gvm.alpha=1e-3 gvm.count_stage1=false gvm.estimator=per-iteration "
-               "optim.lr=1e-4 grpo:optim.lr=1e-5 gvm-grpo:optim.lr=1e-5").split()
+               "gvm.prior_a=1 gvm.prior_b=1 optim.lr=1e-4 grpo:optim.lr=1e-5 gvm-grpo:optim.lr=1e-5").split()
     p = bench.plan(_parse("--out", str(tmp_path), *earlier))
     demo = load_config(p.config, [])
     assert p.uniform_n == 16
@@ -547,4 +547,5 @@ def test_earlier_default_size_is_reproducible_with_overrides(tmp_path):
                 c.gvm.count_stage1, c.algorithm.prompt_weight) == (
             demo.gvm.presample_n, demo.gvm.budget_per_prompt, demo.gvm.alpha,
             demo.gvm.estimator, demo.gvm.count_stage1, demo.algorithm.prompt_weight)
+        assert (c.gvm.prior_a, c.gvm.prior_b) == (demo.gvm.prior_a, demo.gvm.prior_b)
         assert c.optim.lr == (1e-5 if a.endswith("grpo") else demo.optim.lr)
