@@ -68,8 +68,9 @@ def test_quick_probe_end_to_end(tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     checkpoint = warm / "checkpoints" / (warm / "checkpoints" / "latest").read_text().strip()
     out = tmp_path / "probe"
-    cmd = [sys.executable, "-m", "gvm_mega", "bench", "ceiling", "--quick", "--checkpoint",
-           str(checkpoint), "--out", str(out), "rollout.max_new_tokens=6"]
+    cmd = [sys.executable, "-m", "gvm_mega", "bench", "ceiling", "--quick",
+           "rollout.max_new_tokens=6",  # an override before options is taken too
+           "--checkpoint", str(checkpoint), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "ceiling.json").read_text())
@@ -86,6 +87,6 @@ def test_quick_probe_end_to_end(tmp_path):
     other = subprocess.run([*cmd, "--draws", "6"], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=60)
     assert other.returncode == 2 and "other settings" in other.stderr
-    bad = subprocess.run([*cmd[:-3], "--out", str(tmp_path / "p2"), "--draws", "2"], cwd=REPO,
+    bad = subprocess.run([*cmd[:-2], "--out", str(tmp_path / "p2"), "--draws", "2"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--draws 2: must exceed gvm.presample_n = 2" in bad.stderr

@@ -23,7 +23,8 @@ import numpy as np
 from gvm_mega.allocation.diagnostics import (best_variance_proxy, variance_proxy,
                                              weighting_of)
 from gvm_mega.convergence.arms import run_training
-from gvm_mega.convergence.bench import COMMON, DEFAULT_PER_ALGORITHM, DEFAULT_SIZE, QUICK_SIZE
+from gvm_mega.convergence.bench import (COMMON, DEFAULT_PER_ALGORITHM, DEFAULT_SIZE, QUICK_SIZE,
+                                        _OverridesAnywhere)
 
 DESCRIPTION = ("the gradient-variance ratio any allocation could reach at a checkpoint, from "
                "many draws per prompt, against what the GVM rule reaches from its N' draws")
@@ -32,6 +33,7 @@ ALGORITHM = "gvm-raft++"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.__class__ = _OverridesAnywhere
     parser.add_argument("--checkpoint", required=True,
                         help="weights to probe: a convergence benchmark's OUT/warm_start/weights "
                              "or a run's checkpoints/iter_NNNNNNN")
