@@ -13,7 +13,7 @@ from gvm_mega.allocation import (
     allocate,
     read_stats_jsonl,
 )
-from gvm_mega.config import load_config
+from gvm_mega.config import ConfigError, load_config
 
 
 def _two_iterations(store: PromptStatsStore) -> PromptStatsStore:
@@ -45,6 +45,74 @@ def test_posterior_keeps_hard_prompts_alive():
     lone = PromptStatsStore("posterior")
     lone.update(["x"], [4], [0], [float("nan")])
     assert lone.estimates(["x"])[0].tolist() == [1.0]
+
+
+def _hard_and_easy(store: PromptStatsStore) -> PromptStatsStore:
+    """20 hard prompts (1/8 accepted, G 10), 20 easy ones (8/8, G 1), one never accepted."""
+    store.update([f"hard{i}" for i in range(20)], [8] * 20, [1] * 20, [10.0] * 20)
+    store.update([f"easy{i}" for i in range(20)], [8] * 20, [8] * 20, [1.0] * 20)
+    store.update(["none"], [8], [0], [float("nan")])
+    return store
+
+
+def test_similar_p_fallback_takes_the_norms_of_prompts_about_as_hard():
+    mean = _hard_and_easy(PromptStatsStore("posterior")).estimates(["none"])[0]
+    assert mean.tolist() == pytest.approx([5.5])
+    near = _hard_and_easy(PromptStatsStore("posterior", grad_norm_fallback="similar-p"))
+    g, _ = near.estimates(["none", "hard3", "easy3"])
+    # the nearest 16 rates to 1/10 are all hard ones; observed norms are kept as they are
+    assert g.tolist() == pytest.approx([10.0, 10.0, 1.0])
+    # with 16 known prompts or fewer there are no neighbours to choose: the mean of all
+    few = PromptStatsStore("posterior", grad_norm_fallback="similar-p")
+    few.update([f"h{i}" for i in range(8)] + [f"e{i}" for i in range(8)], [8] * 16,
+               [1] * 8 + [8] * 8, [10.0] * 8 + [1.0] * 8)
+    few.update(["none"], [8], [0], [float("nan")])
+    assert few.estimates(["none"])[0].tolist() == pytest.approx([5.5])
+
+
+def test_similar_p_neighbours_include_every_tie():
+    store = PromptStatsStore("posterior", grad_norm_fallback="similar-p")
+    # 30 prompts at the same rate, half with G 2 and half with G 4: ties beyond the 16th count
+    store.update([f"t{i}" for i in range(30)], [8] * 30, [2] * 30, [2.0, 4.0] * 15)
+    store.update(["none"], [8], [0], [float("nan")])
+    assert store.estimates(["none"])[0].tolist() == pytest.approx([3.0])
+
+
+def test_shrink_pulls_an_observed_norm_toward_the_pool_in_log_space():
+    store = PromptStatsStore("posterior", grad_norm_shrink=1.0, grad_norm_ema=0.0)
+    store.update(["a", "b", "zero"], [8, 8, 8], [4, 4, 4], [1.0, 16.0, 0.0])
+    pooled = 17 / 3
+    g, _ = store.estimates(["a", "b", "zero"])
+    # one observation against one pseudo-observation: the geometric mean of the two
+    assert g[0] == pytest.approx((1.0 * pooled) ** 0.5)
+    assert g[1] == pytest.approx((16.0 * pooled) ** 0.5)
+    assert g[2] == 0.0  # a zero norm has nothing to scale
+    store.update(["a"], [8], [4], [1.0])  # a second observation weighs 2 to 1
+    pooled = 17 / 3
+    assert store.estimates(["a"])[0][0] == pytest.approx(np.exp((2 * np.log(1.0)
+                                                                 + np.log(pooled)) / 3))
+    # shrink 0 is the plain estimate
+    plain = PromptStatsStore("posterior", grad_norm_ema=0.0)
+    plain.update(["a", "b"], [8, 8], [4, 4], [1.0, 16.0])
+    assert plain.estimates(["a", "b"])[0].tolist() == [1.0, 16.0]
+
+
+def test_accept_rate_of_one_prompt():
+    post = _two_iterations(PromptStatsStore("posterior", prior_a=1.0, prior_b=2.0))
+    assert post.accept_rate("a") == pytest.approx(post.estimates(["a"])[1][0])
+    assert _two_iterations(PromptStatsStore()).accept_rate("a") == 2 / 8
+    assert post.accept_rate("never-seen") is None
+
+
+def test_pooling_options_are_checked():
+    with pytest.raises(ValueError, match="grad_norm_fallback must be one of"):
+        PromptStatsStore("posterior", grad_norm_fallback="median")
+    with pytest.raises(ValueError, match="grad_norm_shrink must be a non-negative number"):
+        PromptStatsStore("posterior", grad_norm_shrink=-1.0)
+    with pytest.raises(ConfigError, match="'gvm.skip_solved_above' reads the statistics"):
+        load_config(None, ["algorithm.name=raft++", "gvm.skip_solved_above=0.9"])
+    with pytest.raises(ConfigError, match="'gvm.grad_norm_shrink' must be"):
+        load_config(None, ["gvm.estimator=posterior", "gvm.grad_norm_shrink=-1"])
 
 
 def test_record_of_one_prompt():
@@ -137,10 +205,13 @@ def test_load_state_dict_rejects_broken_states():
 
 def test_from_config():
     cfg = load_config(None, ["gvm.estimator=posterior", "gvm.prior_a=2", "gvm.prior_b=3",
-                             "gvm.grad_norm_ema=0.9"])
+                             "gvm.grad_norm_ema=0.9", "gvm.grad_norm_fallback=similar-p",
+                             "gvm.grad_norm_shrink=1.5"])
     store = PromptStatsStore.from_config(cfg.gvm)
-    assert (store.estimator, store.prior_a, store.prior_b, store.grad_norm_ema) == (
-        "posterior", 2.0, 3.0, 0.9)
+    assert (store.estimator, store.prior_a, store.prior_b, store.grad_norm_ema,
+            store.grad_norm_fallback, store.grad_norm_shrink) == (
+        "posterior", 2.0, 3.0, 0.9, "similar-p", 1.5)
+    assert store.state_dict()["settings"]["grad_norm_fallback"] == "similar-p"
 
 
 # --- the statistics file --------------------------------------------------------------

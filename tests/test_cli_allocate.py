@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from _allocation_helpers import write_jsonl
@@ -133,6 +134,23 @@ def test_posterior_uniform_and_config_defaults(tmp_path):
     assert allocate_in_process("--stats", EXAMPLE, "--budget", 64, "--out", out,
                                "--config", cfg, "--max-samples", 9) == 0
     assert json.loads(out.read_text())["params"]["max_samples"] == 9
+
+
+def test_grad_norm_pooling_options(tmp_path):
+    out = tmp_path / "alloc.json"
+    base = ("--stats", EXAMPLE, "--budget", 64, "--out", out, "--estimator", "posterior")
+    assert allocate_in_process(*base, "--grad-norm-shrink", 1) == 0
+    shrunk = json.loads(out.read_text())["estimates"]
+    assert allocate_in_process(*base) == 0
+    plain = json.loads(out.read_text())["estimates"]
+    known = [k for k, e in plain.items() if e["grad_norm"] > 0]
+    spread = lambda est: np.std([np.log(est[k]["grad_norm"]) for k in known])
+    assert spread(shrunk) == pytest.approx(spread(plain) / 2)  # half-way in log space
+    # the example has too few prompts for 16 neighbours: similar-p runs and means the pool
+    assert allocate_in_process(*base, "--grad-norm-fallback", "similar-p") == 0
+    assert json.loads(out.read_text())["estimates"] == plain
+    with pytest.raises(SystemExit, match="--grad-norm-shrink:.*must be"):
+        allocate_in_process(*base, "--grad-norm-shrink", -2)
 
 
 def test_weighting_follows_the_config_and_the_option(tmp_path):

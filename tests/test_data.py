@@ -220,6 +220,29 @@ def test_stream_resumes_after_a_deferral(tmp_path):
         PromptStream(prompts).load_state_dict({**state, "deferred": [10]})
 
 
+def test_stream_skips_what_it_is_told_to_within_a_cap(tmp_path):
+    prompts = read_prompts(write_jsonl(tmp_path / "s.jsonl",
+                                       [{"problem": f"P{i}", "answer": i} for i in range(10)])).prompts
+    odd = {p.id for i, p in enumerate(prompts) if i % 2}
+    plain = [p.id for p in PromptStream(prompts, seed=3).next_batch(10)]
+    stream = PromptStream(prompts, seed=3)
+    batch = [p.id for p in stream.next_batch(3, skip=lambda p: p.id in odd, max_skips=100)]
+    # the even prompts in stream order, the odd ones before them passed over and counted
+    assert batch == [i for i in plain if i not in odd][:3]
+    assert stream.last_skipped == sum(i in odd for i in plain[:plain.index(batch[-1])])
+    assert stream.next_batch(2) and stream.last_skipped == 0
+    # past the cap prompts are taken as they come, so an all-skippable set still yields batches
+    capped = PromptStream(prompts, seed=3)
+    assert [p.id for p in capped.next_batch(4, skip=lambda p: True, max_skips=2)] == plain[2:6]
+    assert capped.last_skipped == 2
+    # many skips across epoch boundaries never repeat a prompt within a batch
+    for seed in range(20):
+        stream = PromptStream(prompts, seed=seed)
+        for _ in range(12):
+            ids = [p.id for p in stream.next_batch(4, skip=lambda p: p.id in odd, max_skips=16)]
+            assert len(set(ids)) == 4 and not set(ids) & odd
+
+
 def test_builtin_levels_above_worked_max_level_lose_their_worked_solutions(tmp_path):
     """``data.arithmetic_worked_max_level``: the same problems, but the harder levels carry no
     worked solution, so the warm start learns only the easier ones."""

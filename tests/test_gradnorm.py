@@ -88,8 +88,13 @@ def test_prompt_grad_norms_mean_over_accepted():
     norms = torch.tensor([1.0, 3.0, 5.0, 2.0, 4.0])
     g = prompt_grad_norms(norms, [0, 0, 0, 2, 2], 3, accepted=[True, True, False, False, True])
     assert g.tolist() == [2.0, 0.0, 4.0]
+    rms = prompt_grad_norms(norms, [0, 0, 0, 2, 2], 3, accepted=[True, True, False, False, True],
+                            average="rms")
+    assert rms.tolist() == pytest.approx([5.0 ** 0.5, 0.0, 4.0])  # sqrt((1 + 9) / 2)
     with pytest.raises(ValueError, match="prompt indices"):
         prompt_grad_norms(norms, [0, 0, 0, 3, 2], 3)
+    with pytest.raises(ValueError, match="average must be 'mean' or 'rms'"):
+        prompt_grad_norms(norms, [0, 0, 0, 2, 2], 3, average="median")
 
 
 @pytest.mark.slow

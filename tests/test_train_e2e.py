@@ -274,6 +274,23 @@ def test_count_stage1_allocates_the_totals(tiny):
     assert row["samples_total"] == 16 + 16 and row["variance_ratio"] > 0
 
 
+def test_skip_solved_passes_over_prompts_the_statistics_call_solved(tiny):
+    """With gvm.skip_solved_above=0 every prompt seen before counts as solved. Six prompts, four
+    per batch: the second batch takes the two never seen, passes over seen ones up to the cap
+    (4 per slot), then takes seen ones as they come; the metrics count the passes."""
+    from gvm_mega.trainer.loop import MAX_SKIPS
+
+    root, config, warm = tiny
+    run_dir = root / "skip-solved"
+    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", "train.iterations=2",
+                                            "data.arithmetic_train_size=6",
+                                            "gvm.estimator=posterior",
+                                            "gvm.skip_solved_above=0"]) == 0
+    first, second = (set(a["samples"]) for a in allocations(run_dir))
+    assert len(first) == len(second) == 4 and len(first | second) == 6
+    assert [r["prompts_skipped"] for r in metrics(run_dir)[1:]] == [0, MAX_SKIPS * 4]
+
+
 @pytest.mark.parametrize("name", ["grpo", "raft++"])
 def test_uniform_baselines_one_iteration(tiny, name):
     root, config, warm = tiny

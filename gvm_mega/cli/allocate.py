@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="p_i = accepted / samples, or the Beta(prior_a, prior_b) posterior mean")
     p.add_argument("--prior-a", type=float, help="Beta prior a for --estimator posterior")
     p.add_argument("--prior-b", type=float, help="Beta prior b for --estimator posterior")
+    p.add_argument("--grad-norm-fallback", choices=("mean", "similar-p"),
+                   help="--estimator posterior: G for a prompt with nothing accepted, the mean "
+                        "of all known norms or of the 16 prompts nearest in p")
+    p.add_argument("--grad-norm-shrink", type=float, metavar="S",
+                   help="--estimator posterior: pseudo-observations of that pooled G mixed "
+                        "into each observed G (default 0: none)")
     p.add_argument("--uniform", action="store_true",
                    help="allocate uniformly instead (the vanilla RAFT / GRPO baseline)")
     p.add_argument("--dp", type=int, metavar="D",
@@ -49,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 _GVM_OPTIONS = ("alpha", "beta", "filter_threshold", "filter_insufficient", "min_samples",
-                "max_samples", "estimator", "prior_a", "prior_b")
+                "max_samples", "estimator", "prior_a", "prior_b", "grad_norm_fallback",
+                "grad_norm_shrink")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -150,6 +150,10 @@ class GVMConfig:
                                                help="drop prompts with p above this")
     filter_insufficient: Optional[float] = option(
         None, ge=0, help="drop prompts whose expected accepted count p*n is below this")
+    skip_solved_above: Optional[float] = option(
+        None, ge=0, le=1, help="pass over prompts whose estimated p from earlier visits is "
+                               "above this (no samples at all); the batch is filled from the "
+                               "stream instead")
     min_samples: int = option(0, ge=0, help="floor on n_i for eligible prompts")
     max_samples: Optional[int] = option(None, ge=1, help="cap on n_i (excess redistributed)")
     estimator: Literal["per-iteration", "posterior"] = option(
@@ -157,6 +161,15 @@ class GVMConfig:
     prior_a: float = option(1.0, gt=0, help="Beta prior a (accepts) for the posterior estimator")
     prior_b: float = option(1.0, gt=0, help="Beta prior b (rejects) for the posterior estimator")
     grad_norm_ema: float = option(0.5, ge=0, lt=1, help="weight of the old G in the EMA")
+    grad_norm_average: Literal["mean", "rms"] = option(
+        "mean", help="G_i from a prompt's accepted samples' gradient norms: their mean, or "
+                     "their root mean square (the scale of their variance)")
+    grad_norm_fallback: Literal["mean", "similar-p"] = option(
+        "mean", help="posterior: G for a prompt never accepted, the mean over all known prompts "
+                     "or over the 16 nearest in estimated p")
+    grad_norm_shrink: float = option(
+        0.0, ge=0, help="posterior: pseudo-observations of the pooled G mixed into each "
+                        "observed G (log space); 0 keeps the observed G")
     grad_norm_params: Literal["embedding", "lm_head", "linear"] = option(
         "embedding", help="parameter set whose per-sequence gradient norm gives G_i")
     reuse_stage1: bool = option(False, help="add stage-1 samples to the training batch")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from gvm_mega.data.records import DataError, Prompt
 
@@ -41,6 +41,7 @@ class PromptStream:
         self._deferred: list[int] = []  # prompts moved back in this epoch's order
         self._slots = 0  # ... past its first `_slots` positions
         self._order = self._epoch_order(0)
+        self.last_skipped = 0
 
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.prompts)))
@@ -71,14 +72,28 @@ class PromptStream:
     def __next__(self) -> Prompt:
         return self.prompts[self._next_index()]
 
-    def next_batch(self, size: int) -> list[Prompt]:
+    def next_batch(self, size: int, *, skip: Optional[Callable[[Prompt], bool]] = None,
+                   max_skips: int = 0) -> list[Prompt]:
         """The next ``size`` prompts: distinct when ``size`` <= the number of prompts (a batch
-        may span two epochs)."""
+        may span two epochs).
+
+        ``skip`` passes over the prompts it returns True for, at most ``max_skips`` of them
+        (after that prompts are taken as they come, so a set that is all skippable still
+        yields batches); ``last_skipped`` says how many were passed over.
+        """
         if size < 1:
             raise ValueError(f"batch size must be >= 1, got {size}")
         batch: list[int] = []
+        self.last_skipped = 0
         while len(batch) < size:
-            batch.append(self._next_index(batch, size))
+            index = self._next_index(batch, size)
+            if skip is not None:
+                if index in batch:  # skips ran past a new epoch's deferred slots
+                    continue
+                if self.last_skipped < max_skips and skip(self.prompts[index]):
+                    self.last_skipped += 1
+                    continue
+            batch.append(index)
         return [self.prompts[i] for i in batch]
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """From per-response norms to the per-prompt ``G_i``, with the work split over DP ranks."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 
@@ -10,11 +10,17 @@ from gvm_mega.gradnorm.estimator import GradNormEstimator
 
 
 def prompt_grad_norms(norms: torch.Tensor, prompt_index: Sequence[int], num_prompts: int,
-                      accepted: Optional[Sequence[bool]] = None) -> torch.Tensor:
-    """``G_i`` = mean norm over prompt ``i``'s accepted responses; 0 where none was accepted.
+                      accepted: Optional[Sequence[bool]] = None,
+                      average: Literal["mean", "rms"] = "mean") -> torch.Tensor:
+    """``G_i`` over prompt ``i``'s accepted responses; 0 where none was accepted.
 
-    ``norms[k]`` belongs to response ``k`` of prompt ``prompt_index[k]``.
+    ``average="mean"`` is the mean norm; ``"rms"`` the root mean square, the scale of the
+    variance the responses add to a gradient estimate (a rare response with a large norm
+    counts by its square, as it does there). ``norms[k]`` belongs to response ``k`` of
+    prompt ``prompt_index[k]``.
     """
+    if average not in ("mean", "rms"):
+        raise ValueError(f"average must be 'mean' or 'rms', got {average!r}")
     idx = torch.as_tensor(list(prompt_index), dtype=torch.long)
     if idx.numel() != norms.numel():
         raise ValueError(f"{norms.numel()} norms but {idx.numel()} prompt indices")
@@ -25,10 +31,13 @@ def prompt_grad_norms(norms: torch.Tensor, prompt_index: Sequence[int], num_prom
     if keep.numel() != idx.numel():
         raise ValueError(f"{keep.numel()} accepted flags but {idx.numel()} responses")
     vals = norms.detach().double().cpu()[keep]
+    if average == "rms":
+        vals = vals.square()
     sums = torch.zeros(num_prompts, dtype=torch.float64).index_add_(0, idx[keep], vals)
     counts = torch.zeros(num_prompts, dtype=torch.float64).index_add_(
         0, idx[keep], torch.ones_like(vals))
-    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    return means.sqrt() if average == "rms" else means
 
 
 def distributed_norms(estimator: GradNormEstimator, batch: SequenceBatch,

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import torch
 
 from gvm_mega.allocation import (AllocationResult, InfeasibleAllocationError, PromptStatsStore,
                                  diagnose, make_allocator, weighting_of)
+from gvm_mega.gradnorm import prompt_grad_norms
 from gvm_mega.trainer.batch import RankSamples, mini_batches, training_samples
 from gvm_mega.trainer.comm import from_driver
 from gvm_mega.trainer.sampling import Group, sample_and_score
@@ -44,6 +46,7 @@ class Stage1:
 
 
 PHASES = ("stage1", "grad_norm", "allocate", "stage2", "train", "sync")
+MAX_SKIPS = 4  # gvm.skip_solved_above passes over at most this many prompts per batch slot
 
 
 class PhaseTimer:
@@ -110,8 +113,7 @@ class Trainer:
         """One GVM iteration; returns its metrics record (meaningful on the driver)."""
         timer = PhaseTimer(self.run.log.progress(f"iteration {it}", total=len(PHASES),
                                                  unit="phase") if self.run.is_driver else None)
-        prompts = self.run.stream.next_batch(self.cfg.train.prompts_per_iteration) \
-            if self.run.is_driver else []
+        prompts = self.next_prompts() if self.run.is_driver else []
         with timer("stage1"):
             stage1 = self.presample(prompts, it) if self.allocator.needs_statistics else None
         with timer("grad_norm"):
@@ -132,6 +134,20 @@ class Trainer:
         return {**record, **sync} if record else record
 
     # ------------------------------------------------------------------ phases
+    def next_prompts(self) -> list:
+        """The iteration's prompts (driver). With ``gvm.skip_solved_above`` the stream passes
+        over prompts the statistics already call solved: their pre-samples would buy almost
+        nothing (p near 1, small G), so the batch's budget goes to prompts with signal."""
+        size, limit = self.cfg.train.prompts_per_iteration, self.cfg.gvm.skip_solved_above
+        if limit is None or not self.allocator.needs_statistics:
+            return self.run.stream.next_batch(size)
+
+        def solved(prompt) -> bool:
+            rate = self.stats.accept_rate(prompt.id)
+            return rate is not None and rate > limit
+
+        return self.run.stream.next_batch(size, skip=solved, max_skips=MAX_SKIPS * size)
+
     def presample(self, prompts: list, it: int) -> Stage1:
         """Stage 1 (driver): N' verified samples per prompt; p_i = accepted / N'."""
         n = self.cfg.gvm.presample_n
@@ -140,7 +156,8 @@ class Trainer:
         return Stage1(groups, accepts, np.zeros(len(groups)))
 
     def grad_norms(self, groups: list[Group]) -> np.ndarray:
-        """G_i = mean per-response gradient norm over prompt i's accepted samples (collective)."""
+        """G_i over prompt i's accepted samples (collective); ``gvm.grad_norm_average`` says
+        how the per-response norms are averaged."""
         accepted = from_driver([(g.prompt_ids, r) for i, g in enumerate(groups)
                                 for r in g.accepted_responses] if self.run.is_driver else None)
         owners = from_driver([i for i, g in enumerate(groups) for _ in g.accepted_responses]
@@ -148,12 +165,9 @@ class Trainer:
         num_prompts = from_driver(len(groups) if self.run.is_driver else None)
         if not accepted:
             return np.zeros(num_prompts)
-        norms = self.run.grad_norm_estimator(accepted)
-        totals = np.zeros(num_prompts)
-        counts = np.zeros(num_prompts)
-        np.add.at(totals, owners, norms)
-        np.add.at(counts, owners, 1)
-        return np.divide(totals, counts, out=np.zeros(num_prompts), where=counts > 0)
+        norms = torch.as_tensor(np.asarray(self.run.grad_norm_estimator(accepted)))
+        return prompt_grad_norms(norms, owners, num_prompts,
+                                 average=self.cfg.gvm.grad_norm_average).numpy()
 
     def allocate(self, prompts: list, stage1: Optional[Stage1]) -> AllocationResult:
         """n_i for every prompt (driver): GVM from the statistics, or uniform."""
@@ -254,6 +268,7 @@ class Trainer:
                "unsound_frac": unsound_fraction(drawn) if self.cfg.reward.check_steps else None,
                "alloc_min": int(samples.min()) if samples.size else None,
                "alloc_max": int(samples.max()) if samples.size else None,
+               "prompts_skipped": self.run.stream.last_skipped,
                "lr": self.run.lr, **(step or {"loss": None, "kl": None, "entropy": None}),
                **timer.seconds}
         if stage1 is not None:
