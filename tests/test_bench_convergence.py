@@ -432,7 +432,8 @@ def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
     for a in ("gvm-raft++", "gvm-grpo"):
         c = cfgs[a]
         assert (c.algorithm.prompt_weight, c.gvm.alpha, c.gvm.count_stage1, c.gvm.estimator,
-                c.gvm.prior_a, c.gvm.prior_b) == ("per-draw", 100, True, "posterior", 3, 1)
+                c.gvm.prior_a, c.gvm.prior_b, c.gvm.grad_norm_average,
+                c.gvm.skip_solved_above) == ("per-draw", 100, True, "posterior", 3, 1, "rms", 0.85)
     demo = load_config(p.config, [])
     for a in ("raft++", "grpo"):  # the uniform arms keep the config's GVM settings
         assert (cfgs[a].algorithm.prompt_weight, cfgs[a].gvm.estimator) == (
@@ -444,13 +445,18 @@ def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
     gvm = load_config(p.config, bench.arm_overrides(p, "gvm-raft++", 1, tmp_path))
     assert (gvm.optim.lr, gvm.gvm.alpha, gvm.gvm.estimator) == (3e-4, 1, "posterior")
     assert "raft++" not in p.per_algorithm
-    # BENCHMARKS' runs from before the Beta(3, 1) prior: the prefix it gives brings back
-    # Beta(1, 1) on both GVM arms and changes nothing else
-    p = bench.plan(_parse("--out", str(tmp_path), "gvm.prior_a=1", "gvm.prior_b=1"))
-    for a in p.algorithms:
-        c = load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path))
-        assert (c.gvm.prior_a, c.gvm.prior_b) == (1, 1)
-        assert c.optim.lr == cfgs[a].optim.lr and c.gvm.alpha == cfgs[a].gvm.alpha
+    # BENCHMARKS' runs from before RMS norms and skipping, and from before the Beta(3, 1)
+    # prior: the prefixes it gives bring those back on both GVM arms and change nothing else
+    before_rms = ("gvm.grad_norm_average=mean", "gvm.skip_solved_above=null")
+    for prefix, prior in ((before_rms, (3, 1)),
+                          (("gvm.prior_a=1", "gvm.prior_b=1", *before_rms), (1, 1))):
+        p = bench.plan(_parse("--out", str(tmp_path), *prefix))
+        for a in p.algorithms:
+            c = load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path))
+            assert (c.gvm.grad_norm_average, c.gvm.skip_solved_above) == ("mean", None)
+            if a.startswith("gvm-"):
+                assert (c.gvm.prior_a, c.gvm.prior_b) == prior
+            assert c.optim.lr == cfgs[a].optim.lr and c.gvm.alpha == cfgs[a].gvm.alpha
 
 
 def test_min_gain_option_is_checked_and_recorded(tmp_path):
@@ -535,7 +541,8 @@ def test_earlier_default_size_is_reproducible_with_overrides(tmp_path):
     earlier = ("data.arithmetic_solutions=in-order train.warmup_steps=600 train.iterations=60 "
                "gvm.presample_n=8 gvm.budget_per_prompt=8 algorithm.prompt_weight=pooled "
                "gvm.alpha=1e-3 gvm.count_stage1=false gvm.estimator=per-iteration "
-               "gvm.prior_a=1 gvm.prior_b=1 optim.lr=1e-4 grpo:optim.lr=1e-5 gvm-grpo:optim.lr=1e-5").split()
+               "gvm.prior_a=1 gvm.prior_b=1 gvm.grad_norm_average=mean gvm.skip_solved_above=null "
+               "optim.lr=1e-4 grpo:optim.lr=1e-5 gvm-grpo:optim.lr=1e-5").split()
     p = bench.plan(_parse("--out", str(tmp_path), *earlier))
     demo = load_config(p.config, [])
     assert p.uniform_n == 16
@@ -548,4 +555,6 @@ def test_earlier_default_size_is_reproducible_with_overrides(tmp_path):
             demo.gvm.presample_n, demo.gvm.budget_per_prompt, demo.gvm.alpha,
             demo.gvm.estimator, demo.gvm.count_stage1, demo.algorithm.prompt_weight)
         assert (c.gvm.prior_a, c.gvm.prior_b) == (demo.gvm.prior_a, demo.gvm.prior_b)
+        assert (c.gvm.grad_norm_average, c.gvm.skip_solved_above) == (
+            demo.gvm.grad_norm_average, demo.gvm.skip_solved_above)
         assert c.optim.lr == (1e-5 if a.endswith("grpo") else demo.optim.lr)
