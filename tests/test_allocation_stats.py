@@ -104,6 +104,39 @@ def test_accept_rate_of_one_prompt():
     assert post.accept_rate("never-seen") is None
 
 
+def test_add_counts_sharpens_the_posterior_rate_only():
+    store = _two_iterations(PromptStatsStore("posterior", prior_a=3.0, prior_b=1.0))
+    before = store.get("a")
+    g_before = store.estimates(["a", "b", "c"])[0]
+    store.add_counts(["a", "b", "c"], [6, 0, 2], [6, 0, 1])
+    after = store.get("a")
+    assert (after.total_samples, after.total_accepted) == (16 + 6, 6 + 6)
+    # an extension of the last observation, not a new one: last_*, norms and counts of
+    # observations stay, and so does the per-iteration estimate
+    assert (after.last_samples, after.last_accepted, after.observations,
+            after.grad_observations, after.last_grad_norm) == (
+        before.last_samples, before.last_accepted, before.observations,
+        before.grad_observations, before.last_grad_norm)
+    g, p = store.estimates(["a", "b", "c"])
+    assert p.tolist() == pytest.approx([(3 + 12) / (4 + 22), 3 / (4 + 16), (3 + 9) / (4 + 10)])
+    assert g.tolist() == pytest.approx(g_before.tolist())
+    assert store.accept_rate("a") == pytest.approx(p[0])
+
+
+@pytest.mark.parametrize("args, match", [
+    ((["a"], [2], [3]), "prompt 'a': num_accepted = 3 exceeds"),
+    ((["a"], [-1], [0]), "num_samples = -1 must be >= 0"),
+    ((["a"], [2.0], [1]), "num_samples must hold integers"),
+])
+def test_add_counts_rejects_bad_counts_without_changing_anything(args, match):
+    store = _two_iterations(PromptStatsStore("posterior"))
+    with pytest.raises(ValueError, match=match):
+        store.add_counts(*args)
+    with pytest.raises(KeyError, match="'never': add_counts extends an observation"):
+        store.add_counts(["a", "never"], [2, 2], [1, 1])
+    assert store.get("a").total_samples == 16
+
+
 def test_pooling_options_are_checked():
     with pytest.raises(ValueError, match="grad_norm_fallback must be one of"):
         PromptStatsStore("posterior", grad_norm_fallback="median")

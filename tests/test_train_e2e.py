@@ -291,6 +291,27 @@ def test_skip_solved_passes_over_prompts_the_statistics_call_solved(tiny):
     assert [r["prompts_skipped"] for r in metrics(run_dir)[1:]] == [0, MAX_SKIPS * 4]
 
 
+def test_rates_from_stage2_add_every_verified_draw_to_the_statistics(tiny):
+    """With gvm.rates_from_stage2 a prompt's totals after its first visit are its N' = 4
+    pre-samples plus its stage-2 n_i, and the accepted fraction of those draws is what the
+    iteration's train reward averages."""
+    import torch
+
+    root, config, warm = tiny
+    run_dir = root / "rates-stage2"
+    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", "train.iterations=1",
+                                            "gvm.estimator=posterior",
+                                            "gvm.rates_from_stage2=true"]) == 0
+    extra = torch.load(run_dir / "checkpoints" / "iter_0000001" / "extra.pt",
+                       weights_only=False)["stats"]
+    allocated = allocations(run_dir)[0]["samples"]
+    totals = dict(zip(extra["ids"], extra["total_samples"]))
+    accepted = dict(zip(extra["ids"], extra["total_accepted"]))
+    assert totals == {k: 4 + n for k, n in allocated.items()} and sum(allocated.values()) > 0
+    rates = [accepted[k] / totals[k] for k in allocated]
+    assert metrics(run_dir)[1]["accept_rate_mean"] == pytest.approx(sum(rates) / len(rates))
+
+
 @pytest.mark.parametrize("name", ["grpo", "raft++"])
 def test_uniform_baselines_one_iteration(tiny, name):
     root, config, warm = tiny

@@ -141,6 +141,25 @@ class PromptStatsStore:
                                          self.grad_norm_ema * old + (1 - self.grad_norm_ema) * gs)
         c["grad_observations"][r] += 1
 
+    def add_counts(self, prompt_ids: Iterable, num_samples, num_accepted) -> None:
+        """Add verified draws of already-observed prompts to their totals (the posterior's
+        ``p``) without counting an observation: stage 2's samples are verified anyway, so
+        their outcomes sharpen ``p`` at no extra cost. Prompts with 0 samples are skipped;
+        ``last_*`` and the gradient norms stay as the last observation left them."""
+        keys = _keys(prompt_ids)
+        n = _int_vector("num_samples", num_samples, len(keys))
+        a = _int_vector("num_accepted", num_accepted, len(keys))
+        _reject(keys, n < 0, "num_samples", n, "must be >= 0")
+        _reject(keys, a < 0, "num_accepted", a, "must be >= 0")
+        _reject(keys, a > n, "num_accepted", a, "exceeds num_samples")
+        unknown = [k for k in keys if k not in self._index]
+        if unknown:
+            raise KeyError(f"no statistics for prompt id {unknown[0]!r}: add_counts extends an "
+                           f"observation made by update()")
+        rows = np.fromiter((self._index[k] for k in keys), dtype=np.int64, count=len(keys))
+        np.add.at(self._cols["total_samples"], rows, n)
+        np.add.at(self._cols["total_accepted"], rows, a)
+
     def estimates(self, prompt_ids: Iterable) -> tuple[np.ndarray, np.ndarray]:
         """``(grad_norms, accept_rates)`` for the listed prompts under the store's estimator."""
         keys = _keys(prompt_ids)

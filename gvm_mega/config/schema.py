@@ -170,6 +170,9 @@ class GVMConfig:
     grad_norm_shrink: float = option(
         0.0, ge=0, help="posterior: pseudo-observations of the pooled G mixed into each "
                         "observed G (log space); 0 keeps the observed G")
+    rates_from_stage2: bool = option(
+        False, help="posterior: stage 2's verified samples count toward p_i too (the next "
+                    "visit's estimate and skip_solved_above), not only the pre-samples")
     grad_norm_params: Literal["embedding", "lm_head", "linear"] = option(
         "embedding", help="parameter set whose per-sequence gradient norm gives G_i")
     reuse_stage1: bool = option(False, help="add stage-1 samples to the training batch")

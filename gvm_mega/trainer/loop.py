@@ -10,7 +10,7 @@ One iteration (DESIGN.md):
 1. stage 1  — N' samples per prompt, verified: acceptance rates p_i
 2. G_i      — per-response gradient norms of the accepted samples (one batched pass)
 3. allocate — n_i ~ G_i / sqrt(p_i + alpha / p_i^(beta-1)) under the budget N
-4. stage 2  — n_i samples per prompt, verified
+4. stage 2  — n_i samples per prompt, verified (optionally counted into p_i too)
 5. update   — RAFT++ / GRPO policy steps on the stage-2 (optionally + stage-1) samples
 6. sync     — new weights to the rollout engine; eval and checkpoint on schedule
 
@@ -123,6 +123,8 @@ class Trainer:
             allocation = self.allocate(prompts, stage1)
         with timer("stage2"):
             stage2 = self.sample(prompts, allocation.samples, it, "stage2")
+            if stage1 is not None and self.cfg.gvm.rates_from_stage2:
+                self.count_stage2(prompts, stage2)
         with timer("train"):
             train_groups = merge_groups(stage1.groups, stage2) \
                 if stage1 is not None and self.cfg.gvm.reuse_stage1 else stage2
@@ -200,6 +202,13 @@ class Trainer:
                                  f"prompts; allocated {cap * eligible}")
             return result
         raise AssertionError("a zero budget is always feasible")
+
+    def count_stage2(self, prompts: list, stage2: list[Group]) -> None:
+        """Stage 2's verdicts into the statistics' p_i (driver): they are free, and a prompt
+        the allocation favoured is then known from many draws, not only its N' pre-samples."""
+        if self.run.is_driver:
+            self.stats.add_counts([p.id for p in prompts], [len(g.samples) for g in stage2],
+                                  [g.num_accepted for g in stage2])
 
     def sample(self, prompts: list, counts, it: int, stage: str) -> list[Group]:
         """Verified samples (driver only; other ranks get an empty list)."""
