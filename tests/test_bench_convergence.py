@@ -432,8 +432,9 @@ def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
     for a in ("gvm-raft++", "gvm-grpo"):
         c = cfgs[a]
         assert (c.algorithm.prompt_weight, c.gvm.alpha, c.gvm.count_stage1, c.gvm.estimator,
-                c.gvm.prior_a, c.gvm.prior_b, c.gvm.grad_norm_average,
-                c.gvm.skip_solved_above) == ("per-draw", 100, True, "posterior", 3, 1, "rms", 0.85)
+                c.gvm.prior_a, c.gvm.prior_b, c.gvm.grad_norm_average, c.gvm.skip_solved_above,
+                c.gvm.rates_from_stage2) == ("per-draw", 100, True, "posterior", 3, 1, "rms", 0.85,
+                                             True)
     demo = load_config(p.config, [])
     for a in ("raft++", "grpo"):  # the uniform arms keep the config's GVM settings
         assert (cfgs[a].algorithm.prompt_weight, cfgs[a].gvm.estimator) == (
@@ -445,17 +446,23 @@ def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
     gvm = load_config(p.config, bench.arm_overrides(p, "gvm-raft++", 1, tmp_path))
     assert (gvm.optim.lr, gvm.gvm.alpha, gvm.gvm.estimator) == (3e-4, 1, "posterior")
     assert "raft++" not in p.per_algorithm
-    # BENCHMARKS' runs from before RMS norms and skipping, and from before the Beta(3, 1)
-    # prior: the prefixes it gives bring those back on both GVM arms and change nothing else
-    before_rms = ("gvm.grad_norm_average=mean", "gvm.skip_solved_above=null")
-    for prefix, prior in ((before_rms, (3, 1)),
-                          (("gvm.prior_a=1", "gvm.prior_b=1", *before_rms), (1, 1))):
+    # BENCHMARKS' runs from before stage 2 counted toward p, before RMS norms and skipping,
+    # and before the Beta(3, 1) prior: the prefixes it gives bring those back on both GVM arms
+    # and change nothing else
+    before_stage2 = ("gvm.rates_from_stage2=false",)
+    before_rms = (*before_stage2, "gvm.grad_norm_average=mean", "gvm.skip_solved_above=null")
+    for prefix, prior, average, skip in (
+            (before_stage2, (3, 1), "rms", 0.85), (before_rms, (3, 1), "mean", None),
+            (("gvm.prior_a=1", "gvm.prior_b=1", *before_rms), (1, 1), "mean", None)):
         p = bench.plan(_parse("--out", str(tmp_path), *prefix))
         for a in p.algorithms:
             c = load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path))
-            assert (c.gvm.grad_norm_average, c.gvm.skip_solved_above) == ("mean", None)
+            assert not c.gvm.rates_from_stage2
             if a.startswith("gvm-"):
-                assert (c.gvm.prior_a, c.gvm.prior_b) == prior
+                assert (c.gvm.prior_a, c.gvm.prior_b, c.gvm.grad_norm_average,
+                        c.gvm.skip_solved_above) == (*prior, average, skip)
+            else:  # the uniform arms keep the config's GVM section
+                assert c.gvm == cfgs[a].gvm
             assert c.optim.lr == cfgs[a].optim.lr and c.gvm.alpha == cfgs[a].gvm.alpha
 
 
@@ -542,6 +549,7 @@ def test_earlier_default_size_is_reproducible_with_overrides(tmp_path):
                "gvm.presample_n=8 gvm.budget_per_prompt=8 algorithm.prompt_weight=pooled "
                "gvm.alpha=1e-3 gvm.count_stage1=false gvm.estimator=per-iteration "
                "gvm.prior_a=1 gvm.prior_b=1 gvm.grad_norm_average=mean gvm.skip_solved_above=null "
+               "gvm.rates_from_stage2=false "
                "optim.lr=1e-4 grpo:optim.lr=1e-5 gvm-grpo:optim.lr=1e-5").split()
     p = bench.plan(_parse("--out", str(tmp_path), *earlier))
     demo = load_config(p.config, [])
@@ -555,6 +563,6 @@ def test_earlier_default_size_is_reproducible_with_overrides(tmp_path):
             demo.gvm.presample_n, demo.gvm.budget_per_prompt, demo.gvm.alpha,
             demo.gvm.estimator, demo.gvm.count_stage1, demo.algorithm.prompt_weight)
         assert (c.gvm.prior_a, c.gvm.prior_b) == (demo.gvm.prior_a, demo.gvm.prior_b)
-        assert (c.gvm.grad_norm_average, c.gvm.skip_solved_above) == (
-            demo.gvm.grad_norm_average, demo.gvm.skip_solved_above)
+        assert (c.gvm.grad_norm_average, c.gvm.skip_solved_above, c.gvm.rates_from_stage2) == (
+            demo.gvm.grad_norm_average, demo.gvm.skip_solved_above, demo.gvm.rates_from_stage2)
         assert c.optim.lr == (1e-5 if a.endswith("grpo") else demo.optim.lr)

@@ -54,11 +54,13 @@ DEFAULT_SIZE = (
 # in n_i, and p_i, G_i estimated from every visit of a prompt, not only this iteration's, with
 # a Beta(3, 1) prior near the task's acceptance rate: from two draws, Beta(1, 1) pulls p_i
 # toward 0.5 and spreads the estimates more than the truth (`bench ceiling`, BENCHMARKS.md).
-# G_i is the RMS of the per-response norms (the scale of their variance), and prompts solved
-# on every earlier pre-sample (4/4 over two visits) are passed over instead of pre-sampled.
+# G_i is the RMS of the per-response norms (the scale of their variance); p_i counts every
+# verified draw, stage 2's too, and prompts it puts above 0.85 (e.g. 4/4 over one visit) are
+# passed over instead of pre-sampled.
 GVM_DEFAULTS = ("algorithm.prompt_weight=per-draw", "gvm.alpha=100", "gvm.count_stage1=true",
                 "gvm.estimator=posterior", "gvm.prior_a=3", "gvm.prior_b=1",
-                "gvm.grad_norm_average=rms", "gvm.skip_solved_above=0.85")
+                "gvm.grad_norm_average=rms", "gvm.skip_solved_above=0.85",
+                "gvm.rates_from_stage2=true")
 # Per-algorithm settings of the default size, before the user's ALGORITHM: overrides (a key
 # the user sets for every arm replaces them). RAFT++ rises sooner at 2e-4 than at the demo's
 # 1e-4, and GVM-RAFT++ collapses in some seeds at 4e-4; GRPO collapses at 1e-4 and at 4
