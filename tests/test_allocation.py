@@ -232,6 +232,54 @@ def test_infeasible_caps_raise_with_the_numbers():
     assert allocate([1.0, 5.0], [0.5, 0.5], 6, max_samples=3).tolist() == [3, 3]
 
 
+def test_water_fill_with_per_prompt_floors_and_caps():
+    """Per-prompt bounds (what pre-samples drawn for some prompts only need): the shares sum to
+    the total, stay within each prompt's bounds, and every prompt strictly inside its bounds
+    has the same share per unit weight, which no clipped prompt would exceed (floored) or
+    fall short of (capped)."""
+    x = water_fill(np.array([1.0, 2.0, 3.0, 4.0]), 14.0, np.array([0.0, 2.0, 0.0, 2.0]), np.inf)
+    assert np.allclose(x, [1.4, 2.8, 4.2, 5.6])
+    x = water_fill(np.array([1.0, 1.0, 1.0]), 7.0, np.array([0.0, 4.0, 0.0]), np.inf)
+    assert np.allclose(x, [1.5, 4.0, 1.5])  # the floored prompt keeps its pre-samples
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        k = int(rng.integers(1, 12))
+        w = rng.uniform(0.01, 1.0, k) * rng.choice([1.0, 1e-6], k, p=[0.8, 0.2])
+        lo = rng.choice([0.0, 2.0, 3.0], k)
+        hi = np.where(rng.random(k) < 0.3, np.inf, lo + rng.integers(1, 8, k))
+        top = hi.sum() if np.isfinite(hi).all() else lo.sum() + 50
+        total = float(rng.uniform(lo.sum(), top))
+        x = water_fill(w, total, lo, hi)
+        assert x.sum() == pytest.approx(total, rel=1e-7)
+        assert (x >= lo - 1e-9).all() and (x <= hi + 1e-9).all()
+        ratio = x / w
+        free = (x > lo + 1e-7) & (x < hi - 1e-7)
+        if free.any():
+            lam = ratio[free].mean()
+            assert np.allclose(ratio[free], lam, rtol=1e-6)
+            assert (ratio[np.isclose(x, lo) & ~free] >= lam * (1 - 1e-6)).all()
+            assert (ratio[np.isclose(x, hi) & ~free] <= lam * (1 + 1e-6)).all()
+
+
+def test_per_prompt_drawn_counts_only_the_pre_samples_each_prompt_has():
+    """A prompt allocated from earlier visits (drawn 0) is topped up from zero, the others from
+    their N' = 2; equal counts per prompt give what one number gives; bad counts are named."""
+    g, p = [1.0, 1.0, 1.0, 1.0], [0.5] * 4
+    r = allocate_detailed(g, p, 8, alpha=0.0, drawn=np.array([2, 2, 0, 0]))
+    assert r.samples.tolist() == [1, 1, 3, 3]  # totals 3 each: the budget evens them out
+    g = [1.0, 2.0, 3.0, 4.0]
+    same = allocate_detailed(g, p, 10, alpha=0.0, max_samples=4, drawn=np.array([2] * 4))
+    one = allocate_detailed(g, p, 10, alpha=0.0, max_samples=4, drawn=2)
+    assert same.samples.tolist() == one.samples.tolist()
+    assert np.allclose(same.continuous, one.continuous)
+    with pytest.raises(ValueError, match="drawn must be an integer or 4 integers"):
+        allocate(g, p, 10, drawn=np.array([2, 2]))
+    with pytest.raises(ValueError, match="drawn must be >= 0, got -1 for prompt 1"):
+        allocate(g, p, 10, drawn=np.array([2, -1, 2, 2]))
+    diag = diagnose(same.samples, g, p, drawn=np.array([2] * 4))
+    assert diag.variance_ratio == pytest.approx(diagnose(same.samples, g, p, drawn=2).variance_ratio)
+
+
 def test_water_fill_and_rounding_directly():
     x = water_fill(np.array([1.0, 2.0, 7.0]), 20.0, 3.0, 8.0)
     assert np.allclose(x, [4.0, 8.0, 8.0])  # lam = 4: 1 * 4 free, 2 * 4 and 7 * 4 capped

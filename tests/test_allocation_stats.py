@@ -97,6 +97,12 @@ def test_shrink_pulls_an_observed_norm_toward_the_pool_in_log_space():
     assert plain.estimates(["a", "b"])[0].tolist() == [1.0, 16.0]
 
 
+def test_draws_of_one_prompt():
+    store = _two_iterations(PromptStatsStore("posterior"))
+    store.add_counts(["a"], [3], [1])
+    assert (store.draws("a"), store.draws("c"), store.draws("never-seen")) == (19, 8, 0)
+
+
 def test_accept_rate_of_one_prompt():
     post = _two_iterations(PromptStatsStore("posterior", prior_a=1.0, prior_b=2.0))
     assert post.accept_rate("a") == pytest.approx(post.estimates(["a"])[1][0])

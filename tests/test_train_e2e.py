@@ -312,6 +312,25 @@ def test_rates_from_stage2_add_every_verified_draw_to_the_statistics(tiny):
     assert metrics(run_dir)[1]["accept_rate_mean"] == pytest.approx(sum(rates) / len(rates))
 
 
+def test_presample_until_spends_a_known_prompts_pre_samples_in_stage_2(tiny):
+    """With gvm.presample_until=1 a prompt seen before is not pre-sampled: the second batch
+    (two new prompts of six, two seen) draws 2 x N' = 8 pre-samples, and stage 2 gets the
+    other 8 on top of its budget of 16, so every iteration still draws 32 samples."""
+    root, config, warm = tiny
+    run_dir = root / "presample-until"
+    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", "train.iterations=2",
+                                            "data.arithmetic_train_size=6",
+                                            "gvm.estimator=posterior", "gvm.count_stage1=true",
+                                            "gvm.presample_until=1"]) == 0
+    rows = metrics(run_dir)[1:]
+    assert [r["prompts_presampled"] for r in rows] == [4, 2]
+    assert [r["samples_total"] for r in rows] == [32, 64]
+    first, second = allocations(run_dir)
+    assert sum(first["samples"].values()) == 16 and sum(second["samples"].values()) == 24
+    seen = set(second["samples"]) & set(first["samples"])
+    assert len(seen) == 2
+
+
 @pytest.mark.parametrize("name", ["grpo", "raft++"])
 def test_uniform_baselines_one_iteration(tiny, name):
     root, config, warm = tiny

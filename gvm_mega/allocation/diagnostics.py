@@ -87,7 +87,8 @@ def variance_proxy(samples, grad_norms, accept_rates, *,
     return _proxy(n, c)
 
 
-def best_variance_proxy(total: float, grad_norms, accept_rates, *, drawn: int = 0,
+def best_variance_proxy(total: float, grad_norms, accept_rates, *,
+                        drawn: int | np.ndarray = 0,
                         weighting: Weighting = "per-prompt") -> float | None:
     """The lowest ``sum c_i / (drawn + n_i)`` over continuous ``n_i >= 0`` with
     ``sum n_i = total`` that give every contributing prompt a sample: ``drawn + n_i =
@@ -95,10 +96,11 @@ def best_variance_proxy(total: float, grad_norms, accept_rates, *, drawn: int = 
     there are neither pre-samples nor new samples to spend."""
     c = _coefficients(grad_norms, accept_rates, weighting)
     use = c > 0
-    if not use.any() or (total <= 0 and drawn == 0):
+    d = np.broadcast_to(np.asarray(drawn, dtype=np.float64), c.shape)[use]
+    if not use.any() or (total <= 0 and not d.any()):
         return None
     root = np.sqrt(c[use])
-    totals = water_fill(root / root.max(), total + drawn * root.size, float(drawn), np.inf)
+    totals = water_fill(root / root.max(), total + d.sum(), d, np.inf)
     return float(np.sum(c[use] / totals))
 
 
@@ -112,14 +114,18 @@ def gini(values) -> float:
     return float(2.0 * np.sum(ranks * x) / (x.size * total) - (x.size + 1) / x.size)
 
 
-def diagnose(samples, grad_norms, accept_rates, reasons=None, *, drawn: int = 0,
+def diagnose(samples, grad_norms, accept_rates, reasons=None, *,
+             drawn: int | np.ndarray = 0,
              weighting: Weighting = "per-prompt") -> AllocationDiagnostics:
-    """Diagnostics of one allocation; ``reasons`` (per-prompt drop codes) fills ``dropped``."""
+    """Diagnostics of one allocation; ``reasons`` (per-prompt drop codes) fills ``dropped``.
+    ``drawn``: pre-samples trained on too, one number for every prompt or one per prompt;
+    uniform sampling is compared at the same total, pre-samples included."""
     n = np.asarray(samples, dtype=np.int64)
     total = int(n.sum())
-    v = variance_proxy(n + drawn, grad_norms, accept_rates, weighting=weighting)
-    u = variance_proxy(uniform_allocate(n.size, total) + drawn, grad_norms, accept_rates,
-                       weighting=weighting)
+    d = np.broadcast_to(np.asarray(drawn, dtype=np.int64), n.shape)
+    v = variance_proxy(n + d, grad_norms, accept_rates, weighting=weighting)
+    u = variance_proxy(uniform_allocate(n.size, total + int(d.sum())), grad_norms,
+                       accept_rates, weighting=weighting)
     best = best_variance_proxy(total, grad_norms, accept_rates, drawn=drawn,
                                weighting=weighting)
     if reasons is None:

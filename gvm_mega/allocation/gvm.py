@@ -27,7 +27,8 @@ from ``drawn + n_i`` samples, so the rule sets those totals instead: minimising
 ``sum_i G_i^2 / ((drawn + n_i) p_i)`` gives ``drawn + n_i = max(drawn, lam * w_i)``, and a
 prompt whose pre-samples already exceed its share gets no more. It is step 2's water-filling
 on the totals, floored at ``drawn + min_samples``; budgets, caps and filters still speak of
-the new samples ``n_i``.
+the new samples ``n_i``. ``drawn`` may also be given per prompt (a prompt whose estimates come
+from earlier visits alone has no pre-samples this time).
 
 Caps that cannot be met (more budget than ``max_samples`` times the number of eligible
 prompts, or less than ``min_samples`` times it) raise :class:`InfeasibleAllocationError`
@@ -77,7 +78,7 @@ class AllocationResult:
 def allocate(grad_norms, accept_rates, budget: int, *, alpha: float = 1e-3, beta: float = 2.0,
              filter_threshold: float | None = None, filter_insufficient: float | None = None,
              min_samples: int = 0, max_samples: int | None = None,
-             drawn: int = 0) -> np.ndarray:
+             drawn: int | np.ndarray = 0) -> np.ndarray:
     """Per-prompt sample counts (int64) summing to ``budget``; see the module docstring."""
     return allocate_detailed(
         grad_norms, accept_rates, budget, alpha=alpha, beta=beta,
@@ -88,12 +89,13 @@ def allocate(grad_norms, accept_rates, budget: int, *, alpha: float = 1e-3, beta
 def allocate_detailed(grad_norms, accept_rates, budget: int, *, alpha: float = 1e-3,
                       beta: float = 2.0, filter_threshold: float | None = None,
                       filter_insufficient: float | None = None, min_samples: int = 0,
-                      max_samples: int | None = None, drawn: int = 0) -> AllocationResult:
+                      max_samples: int | None = None,
+                      drawn: int | np.ndarray = 0) -> AllocationResult:
     """:func:`allocate`, also returning why each prompt was dropped and the continuous shares."""
     g, p = validate_stats(grad_norms, accept_rates)
     budget = _check_int("budget", budget, minimum=0)
     min_samples = _check_int("min_samples", min_samples, minimum=0)
-    drawn = _check_int("drawn", drawn, minimum=0)
+    drawn = _check_drawn(drawn, g.shape[0])
     if max_samples is not None:
         max_samples = _check_int("max_samples", max_samples, minimum=1)
         if max_samples < min_samples:
@@ -123,7 +125,7 @@ def allocate_detailed(grad_norms, accept_rates, budget: int, *, alpha: float = 1
     weights = gvm_weights(g[eligible], p[eligible], alpha=alpha, beta=beta)
     hi = math.inf if max_samples is None else float(max_samples)
     _check_feasible(eligible.size, budget, min_samples, max_samples, after="")
-    shares = _new_shares(weights, budget, float(min_samples), hi, drawn)
+    shares = _new_shares(weights, budget, float(min_samples), hi, _at(drawn, eligible))
 
     if filter_insufficient is not None and filter_insufficient > 0:
         short = p[eligible] * shares < filter_insufficient
@@ -134,7 +136,7 @@ def allocate_detailed(grad_norms, accept_rates, budget: int, *, alpha: float = 1
                 return AllocationResult(samples, reasons, continuous)
             _check_feasible(eligible.size, budget, min_samples, max_samples,
                             after=" left after filter_insufficient")
-            shares = _new_shares(weights, budget, float(min_samples), hi, drawn)
+            shares = _new_shares(weights, budget, float(min_samples), hi, _at(drawn, eligible))
 
     samples[eligible] = round_preserving_total(shares, budget, min_samples, max_samples)
     continuous[eligible] = shares
@@ -142,12 +144,32 @@ def allocate_detailed(grad_norms, accept_rates, budget: int, *, alpha: float = 1
 
 
 def _new_shares(weights: np.ndarray, budget: int, lo: float, hi: float,
-                drawn: int) -> np.ndarray:
+                drawn) -> np.ndarray:
     """Continuous new samples per prompt: the rule applied to ``drawn + n_i``."""
-    if drawn == 0:
+    if not np.any(drawn):
         return water_fill(weights, budget, lo, hi)
-    totals = water_fill(weights, budget + drawn * weights.shape[0], lo + drawn, hi + drawn)
+    extra = float(np.sum(np.broadcast_to(drawn, weights.shape)))
+    totals = water_fill(weights, budget + extra, lo + drawn, hi + drawn)
     return np.clip(totals - drawn, lo, hi)
+
+
+def _check_drawn(drawn, m: int):
+    """``drawn`` as a non-negative int, or a per-prompt int64 array of length ``m``."""
+    if np.ndim(drawn) == 0:
+        return _check_int("drawn", drawn, minimum=0)
+    arr = np.asarray(drawn)
+    if arr.shape != (m,) or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"drawn must be an integer or {m} integers (one per prompt), "
+                         f"got shape {arr.shape} and dtype {arr.dtype}")
+    if (arr < 0).any():
+        raise ValueError(f"drawn must be >= 0, got {int(arr.min())} for prompt "
+                         f"{int(np.argmin(arr))}")
+    return arr.astype(np.int64)
+
+
+def _at(drawn, rows: np.ndarray):
+    """The pre-sample counts of the prompts in ``rows``."""
+    return drawn if np.ndim(drawn) == 0 else drawn[rows]
 
 
 def gvm_weights(grad_norms: np.ndarray, accept_rates: np.ndarray, *, alpha: float,
@@ -167,44 +189,49 @@ def gvm_weights(grad_norms: np.ndarray, accept_rates: np.ndarray, *, alpha: floa
     return np.maximum(np.exp(log_w - log_w.max()), 1e-250)
 
 
-def water_fill(weights: np.ndarray, total: float, lo: float, hi: float) -> np.ndarray:
-    """Shares ``x_i = clip(lam * w_i, lo, hi)`` with ``sum x_i = total``.
+def water_fill(weights: np.ndarray, total: float, lo, hi) -> np.ndarray:
+    """Shares ``x_i = clip(lam * w_i, lo_i, hi_i)`` with ``sum x_i = total``.
 
-    ``sum_i clip(lam * w_i, lo, hi)`` is nondecreasing and piecewise linear in ``lam`` with
-    breakpoints ``lo / w_i`` and ``hi / w_i``; evaluating it at every breakpoint (prefix sums
-    over the sorted weights) finds the linear piece holding ``total``, which is then solved
-    exactly. Requires ``k * lo <= total <= k * hi``.
+    ``lo`` and ``hi`` are numbers or per-prompt arrays (``hi`` may be infinite). The sum is
+    nondecreasing and piecewise linear in ``lam``, with breakpoints where a prompt leaves its
+    floor (``lo_i / w_i``) or reaches its cap (``hi_i / w_i``); prefix sums over the sorted
+    breakpoints give its value at every one of them, which finds the linear piece holding
+    ``total``, then solved exactly. Requires ``sum lo <= total <= sum hi``; a zero weight
+    keeps its prompt at its floor.
     """
-    k = weights.shape[0]
-    if lo == 0 and math.isinf(hi):
-        return weights * (total / weights.sum())
-    if total <= k * lo:
-        return np.full(k, lo)
-    if total >= k * hi:
-        return np.full(k, hi)
-    ws = np.sort(weights)
-    prefix = np.concatenate(([0.0], np.cumsum(ws)))
-    pos = ws[ws > 0]  # gvm_weights keeps weights positive; guard other callers
+    w = np.asarray(weights, dtype=np.float64)
+    k = w.shape[0]
+    lo_v = np.broadcast_to(np.asarray(lo, dtype=np.float64), (k,))
+    hi_v = np.broadcast_to(np.asarray(hi, dtype=np.float64), (k,))
+    floor_sum = float(lo_v.sum())
+    if not (lo_v.any() or np.isfinite(hi_v).any()) and w.sum() > 0:
+        return w * (total / w.sum())
+    if total <= floor_sum:
+        return lo_v.copy()
+    if total >= hi_v.sum():
+        return hi_v.copy()
+    moving = w > 0
+    wm, lm, hm = w[moving], lo_v[moving], hi_v[moving]
+    leave, reach = lm / wm, hm / wm                    # lam where each leaves lo, reaches hi
+    ia, ib = np.argsort(leave, kind="stable"), np.argsort(reach, kind="stable")
+    leave_s, reach_s = leave[ia], reach[ib]
+    zero = np.zeros(1)
+    w_left = np.concatenate((zero, np.cumsum(wm[ia])))   # weight of prompts off their floor
+    lo_left = np.concatenate((zero, np.cumsum(lm[ia])))  # and the floors they left
+    finite = np.isfinite(reach_s)
+    w_cap = np.concatenate((zero, np.cumsum(np.where(finite, wm[ib], 0.0))))
+    hi_cap = np.concatenate((zero, np.cumsum(np.where(finite, hm[ib], 0.0))))
 
-    def pieces(lam: np.ndarray):
-        floored = np.searchsorted(ws, lo / lam, side="right")       # lam * w <= lo
-        capped = k - np.searchsorted(ws, hi / lam, side="left")     # lam * w >= hi
-        capped = np.minimum(capped, k - floored)
-        middle = prefix[k - capped] - prefix[floored]
-        return floored, capped, middle
+    def piece(lam: np.ndarray):
+        """(fixed part, slope) of the sum on the piece holding each ``lam``."""
+        off = np.searchsorted(leave_s, lam, side="right")   # lam * w >= lo
+        cap = np.searchsorted(reach_s, lam, side="left")    # lam * w >= hi (strictly past)
+        fixed = floor_sum - lo_left[off] + hi_cap[cap]
+        return fixed, w_left[off] - w_cap[cap]
 
-    candidates = []
-    if lo > 0:
-        candidates.append(lo / pos)
-    if not math.isinf(hi):
-        candidates.append(hi / pos)
-    lams = np.unique(np.concatenate(candidates)) if candidates else np.empty(0)
-
-    def fixed(floored, capped):  # the clipped prompts' total (no inf * 0 when uncapped)
-        return lo * floored + (hi * capped if math.isfinite(hi) else 0.0)
-
-    f, c, mid = pieces(lams)
-    values = np.maximum.accumulate(fixed(f, c) + lams * mid)  # monotone despite rounding
+    lams = np.unique(np.concatenate((leave_s, reach_s[finite])))
+    fixed, slope = piece(lams)
+    values = np.maximum.accumulate(fixed + lams * slope)  # monotone despite rounding
     j = int(np.searchsorted(values, total, side="left"))  # first breakpoint with value >= total
     if j < lams.size and values[j] == total:
         lam = lams[j]
@@ -212,9 +239,9 @@ def water_fill(weights: np.ndarray, total: float, lo: float, hi: float) -> np.nd
         left = lams[j - 1] if j > 0 else 0.0
         right = lams[j] if j < lams.size else math.inf
         inside = (left + right) / 2 if math.isfinite(right) else 2 * left + 1.0
-        f1, c1, mid1 = (a[0] for a in pieces(np.array([inside])))
-        lam = (total - fixed(f1, c1)) / mid1 if mid1 > 0 else right
-    return np.clip(lam * weights, lo, hi)
+        f1, s1 = (a[0] for a in piece(np.array([inside])))
+        lam = (total - f1) / s1 if s1 > 0 else right
+    return np.clip(lam * w, lo_v, hi_v)
 
 
 def round_preserving_total(shares: np.ndarray, total: int, lo: int = 0,

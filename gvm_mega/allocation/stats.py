@@ -220,6 +220,11 @@ class PromptStatsStore:
             return float(c["last_accepted"][row] / c["last_samples"][row])
         return float(self._posterior_p(np.array([row]))[0])
 
+    def draws(self, prompt_id) -> int:
+        """How many verified draws of the prompt the statistics hold (0 if never seen)."""
+        row = self._index.get(_key(prompt_id))
+        return 0 if row is None else int(self._cols["total_samples"][row])
+
     def get(self, prompt_id) -> PromptStats:
         """The record of one prompt (KeyError if it was never observed)."""
         key = _key(prompt_id)

@@ -23,7 +23,7 @@ class Allocator(Protocol):
     def budget(self, num_prompts: int) -> int: ...
 
     def allocate(self, num_prompts: int, budget: int, grad_norms=None,
-                 accept_rates=None) -> AllocationResult: ...
+                 accept_rates=None, drawn=None) -> AllocationResult: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ class GVMAllocator:
         return int(round(self.budget_per_prompt * num_prompts))
 
     def allocate(self, num_prompts: int, budget: int, grad_norms=None,
-                 accept_rates=None) -> AllocationResult:
+                 accept_rates=None, drawn=None) -> AllocationResult:
+        """``drawn`` (per prompt) replaces the configured pre-sample count where some prompts
+        were not pre-sampled this iteration."""
         if grad_norms is None or accept_rates is None:
             raise ValueError("GVM allocation needs grad_norms and accept_rates")
         if len(grad_norms) != num_prompts:
@@ -55,7 +57,8 @@ class GVMAllocator:
         return allocate_detailed(
             grad_norms, accept_rates, budget, alpha=self.alpha, beta=self.beta,
             filter_threshold=self.filter_threshold, filter_insufficient=self.filter_insufficient,
-            min_samples=self.min_samples, max_samples=self.max_samples, drawn=self.drawn)
+            min_samples=self.min_samples, max_samples=self.max_samples,
+            drawn=self.drawn if drawn is None else drawn)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class UniformAllocator:
         return self.samples_per_prompt * num_prompts
 
     def allocate(self, num_prompts: int, budget: int, grad_norms=None,
-                 accept_rates=None) -> AllocationResult:
+                 accept_rates=None, drawn=None) -> AllocationResult:
         samples = uniform_allocate(num_prompts, budget)
         return AllocationResult(samples=samples,
                                 reasons=np.full(num_prompts, KEPT, dtype=np.int8),

@@ -173,6 +173,10 @@ class GVMConfig:
     rates_from_stage2: bool = option(
         False, help="posterior: stage 2's verified samples count toward p_i too (the next "
                     "visit's estimate and skip_solved_above), not only the pre-samples")
+    presample_until: Optional[int] = option(
+        None, ge=1, help="posterior: pre-sample a prompt only while the statistics hold fewer "
+                         "than this many of its draws; later visits are allocated from the "
+                         "statistics and their N' samples go to stage 2's budget")
     grad_norm_params: Literal["embedding", "lm_head", "linear"] = option(
         "embedding", help="parameter set whose per-sequence gradient norm gives G_i")
     reuse_stage1: bool = option(False, help="add stage-1 samples to the training batch")

@@ -43,6 +43,7 @@ class Stage1:
     groups: list[Group]
     accept_rates: np.ndarray
     grad_norms: np.ndarray
+    counts: np.ndarray  # pre-samples drawn per prompt (0: estimated from earlier visits)
 
 
 PHASES = ("stage1", "grad_norm", "allocate", "stage2", "train", "sync")
@@ -151,11 +152,15 @@ class Trainer:
         return self.run.stream.next_batch(size, skip=solved, max_skips=MAX_SKIPS * size)
 
     def presample(self, prompts: list, it: int) -> Stage1:
-        """Stage 1 (driver): N' verified samples per prompt; p_i = accepted / N'."""
-        n = self.cfg.gvm.presample_n
-        groups = self.sample(prompts, [n] * len(prompts), it, "stage1")
-        accepts = np.array([g.num_accepted / n for g in groups], dtype=np.float64)
-        return Stage1(groups, accepts, np.zeros(len(groups)))
+        """Stage 1 (driver): N' verified samples per prompt; p_i = accepted / N'. With
+        ``gvm.presample_until`` a prompt the statistics already know well is not pre-sampled."""
+        n, until = self.cfg.gvm.presample_n, self.cfg.gvm.presample_until
+        counts = np.array([0 if until is not None and self.stats.draws(p.id) >= until else n
+                           for p in prompts], dtype=np.int64)
+        groups = self.sample(prompts, counts, it, "stage1")
+        accepts = np.array([g.num_accepted for g in groups], dtype=np.float64) / np.maximum(
+            counts, 1)
+        return Stage1(groups, accepts, np.zeros(len(groups)), counts)
 
     def grad_norms(self, groups: list[Group]) -> np.ndarray:
         """G_i over prompt i's accepted samples (collective); ``gvm.grad_norm_average`` says
@@ -179,29 +184,38 @@ class Trainer:
         m = len(prompts)
         if stage1 is None:
             return self.allocator.allocate(m, self.allocator.budget(m))
-        ids = [p.id for p in prompts]
-        n = self.cfg.gvm.presample_n
-        accepted = [g.num_accepted for g in stage1.groups]
-        self.stats.update(ids, [n] * m, accepted,
-                          np.where(np.array(accepted) > 0, stage1.grad_norms, np.nan))
-        grad_norms, accept_rates = self.stats.estimates(ids)
+        ids = np.array([p.id for p in prompts], dtype=object)
+        drew = stage1.counts > 0
+        accepted = np.array([g.num_accepted for g in stage1.groups], dtype=np.int64)
+        if drew.any():
+            self.stats.update(ids[drew].tolist(), stage1.counts[drew], accepted[drew],
+                              np.where(accepted > 0, stage1.grad_norms, np.nan)[drew])
+        grad_norms, accept_rates = self.stats.estimates(ids.tolist())
         stage1.grad_norms, stage1.accept_rates = grad_norms, accept_rates
-        budget, cap = self.allocator.budget(m), self.cfg.gvm.max_samples
+        # pre-samples not drawn (gvm.presample_until) are stage 2's to spend
+        skipped_presamples = int(self.cfg.gvm.presample_n * m - stage1.counts.sum())
+        budget = self.allocator.budget(m) + skipped_presamples
+        cap, drawn = self.cfg.gvm.max_samples, self.drawn(stage1)
         try:
-            return self.allocator.allocate(m, budget, grad_norms, accept_rates)
+            return self.allocator.allocate(m, budget, grad_norms, accept_rates, drawn=drawn)
         except InfeasibleAllocationError:
             if cap is None:
                 raise
         # too few eligible prompts to spend the budget under max_samples: spend what fits
         for eligible in range(min(m, budget // cap), -1, -1):
             try:
-                result = self.allocator.allocate(m, cap * eligible, grad_norms, accept_rates)
+                result = self.allocator.allocate(m, cap * eligible, grad_norms, accept_rates,
+                                                 drawn=drawn)
             except InfeasibleAllocationError:
                 continue
             self.run.log.warning(f"budget {budget} exceeds gvm.max_samples={cap} x the eligible "
                                  f"prompts; allocated {cap * eligible}")
             return result
         raise AssertionError("a zero budget is always feasible")
+
+    def drawn(self, stage1: Stage1) -> np.ndarray | int:
+        """Pre-samples per prompt the rule counts as already drawn (``gvm.count_stage1``)."""
+        return stage1.counts if self.cfg.gvm.count_stage1 else 0
 
     def count_stage2(self, prompts: list, stage2: list[Group]) -> None:
         """Stage 2's verdicts into the statistics' p_i (driver): they are free, and a prompt
@@ -282,10 +296,11 @@ class Trainer:
                **timer.seconds}
         if stage1 is not None:
             diag = diagnose(samples, stage1.grad_norms, stage1.accept_rates, allocation.reasons,
-                            drawn=self.allocator.drawn,
+                            drawn=self.drawn(stage1),
                             weighting=weighting_of(self.cfg.algorithm.prompt_weight))
             seen = stage1.grad_norms[stage1.accept_rates > 0]
-            out.update(presample_accept_rate_mean=float(np.mean(stage1.accept_rates)),
+            out.update(prompts_presampled=int(np.count_nonzero(stage1.counts)),
+                       presample_accept_rate_mean=float(np.mean(stage1.accept_rates)),
                        grad_norm_mean=float(np.mean(seen)) if seen.size else None,
                        variance_ratio=diag.variance_ratio,
                        variance_ratio_best=diag.best_variance_ratio, alloc_gini=diag.n_gini)
