@@ -97,6 +97,17 @@ def test_shrink_pulls_an_observed_norm_toward_the_pool_in_log_space():
     assert plain.estimates(["a", "b"])[0].tolist() == [1.0, 16.0]
 
 
+def test_update_without_norms_records_the_counts_only():
+    store = PromptStatsStore("posterior", prior_a=3.0, prior_b=1.0)
+    store.update(["a", "b"], [4, 4], [4, 1])
+    store.update(["a"], [4], [2], [3.0])
+    assert store.get("b").grad_observations == 0 and np.isnan(store.get("b").last_grad_norm)
+    assert (store.get("a").grad_observations, store.get("a").total_samples) == (1, 8)
+    g, p = store.estimates(["a", "b"])
+    assert p.tolist() == pytest.approx([(3 + 6) / (4 + 8), (3 + 1) / (4 + 4)])
+    assert g.tolist() == [3.0, 3.0]  # b has no norm of its own: the pooled one
+
+
 def test_draws_of_one_prompt():
     store = _two_iterations(PromptStatsStore("posterior"))
     store.add_counts(["a"], [3], [1])
@@ -148,8 +159,9 @@ def test_pooling_options_are_checked():
         PromptStatsStore("posterior", grad_norm_fallback="median")
     with pytest.raises(ValueError, match="grad_norm_shrink must be a non-negative number"):
         PromptStatsStore("posterior", grad_norm_shrink=-1.0)
-    with pytest.raises(ConfigError, match="'gvm.skip_solved_above' reads the statistics"):
-        load_config(None, ["algorithm.name=raft++", "gvm.skip_solved_above=0.9"])
+    # uniform algorithms record their verdicts for it too
+    assert load_config(None, ["algorithm.name=raft++",
+                              "gvm.skip_solved_above=0.9"]).gvm.skip_solved_above == 0.9
     with pytest.raises(ConfigError, match="'gvm.grad_norm_shrink' must be"):
         load_config(None, ["gvm.estimator=posterior", "gvm.grad_norm_shrink=-1"])
 

@@ -291,6 +291,29 @@ def test_skip_solved_passes_over_prompts_the_statistics_call_solved(tiny):
     assert [r["prompts_skipped"] for r in metrics(run_dir)[1:]] == [0, MAX_SKIPS * 4]
 
 
+def test_uniform_raft_plus_plus_skips_solved_prompts_too(tiny):
+    """RAFT++ keeps its verdicts when gvm.skip_solved_above is set, so the stream passes over
+    solved prompts without any allocation: the same batches and skips as the GVM run above."""
+    import torch
+
+    from gvm_mega.trainer.loop import MAX_SKIPS
+
+    root, config, warm = tiny
+    run_dir = root / "skip-solved-raft"
+    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", "train.iterations=2",
+                                            "algorithm.name=raft++",
+                                            "data.arithmetic_train_size=6",
+                                            "gvm.estimator=posterior",
+                                            "gvm.skip_solved_above=0"]) == 0
+    first, second = (set(a["samples"]) for a in allocations(run_dir))
+    assert len(first) == len(second) == 4 and len(first | second) == 6
+    assert [r["prompts_skipped"] for r in metrics(run_dir)[1:]] == [0, MAX_SKIPS * 4]
+    stats = torch.load(run_dir / "checkpoints" / "iter_0000002" / "extra.pt",
+                       weights_only=False)["stats"]
+    draws = dict(zip(stats["ids"], stats["total_samples"]))
+    assert draws == {k: 4 * ((k in first) + (k in second)) for k in first | second}
+
+
 def test_rates_from_stage2_add_every_verified_draw_to_the_statistics(tiny):
     """With gvm.rates_from_stage2 a prompt's totals after its first visit are its N' = 4
     pre-samples plus its stage-2 n_i, and the accepted fraction of those draws is what the

@@ -105,22 +105,25 @@ class PromptStatsStore:
     def __contains__(self, prompt_id) -> bool:
         return _key(prompt_id) in self._index
 
-    def update(self, prompt_ids: Iterable, num_samples, num_accepted, grad_norms) -> None:
+    def update(self, prompt_ids: Iterable, num_samples, num_accepted,
+               grad_norms=None) -> None:
         """Record one iteration's observation of each listed prompt.
 
         ``grad_norms[i]`` is the mean gradient norm over prompt i's accepted responses; it is
-        ignored (and may be NaN) where ``num_accepted[i]`` is 0.
+        ignored (and may be NaN) where ``num_accepted[i]`` is 0. ``None``: no norms were
+        measured (a uniform algorithm's draws), so only the counts change.
         """
         keys = _keys(prompt_ids)
         n = _int_vector("num_samples", num_samples, len(keys))
         a = _int_vector("num_accepted", num_accepted, len(keys))
-        g = np.asarray(grad_norms, dtype=np.float64)
+        measured = grad_norms is not None
+        g = np.asarray(grad_norms if measured else np.full(len(keys), np.nan), dtype=np.float64)
         if g.shape != (len(keys),):
             raise ValueError(f"grad_norms has shape {g.shape}, expected ({len(keys)},)")
         _reject(keys, n < 1, "num_samples", n, "must be >= 1")
         _reject(keys, a < 0, "num_accepted", a, "must be >= 0")
         _reject(keys, a > n, "num_accepted", a, "exceeds num_samples")
-        seen = a > 0
+        seen = (a > 0) & measured
         _reject(keys, seen & ~(np.isfinite(g) & (g >= 0)), "grad_norm", g,
                 "must be a finite non-negative number when responses were accepted")
         if len(set(keys)) != len(keys):

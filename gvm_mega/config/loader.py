@@ -247,10 +247,6 @@ def validate(cfg: Config) -> Config:
     if g.max_samples is not None and g.min_samples > g.max_samples:
         raise ConfigError(f"'gvm.min_samples' ({g.min_samples}) must not exceed "
                           f"'gvm.max_samples' ({g.max_samples})")
-    if g.skip_solved_above is not None and not cfg.algorithm.name.startswith("gvm-"):
-        raise ConfigError(f"'gvm.skip_solved_above' reads the statistics GVM keeps; "
-                          f"'algorithm.name' {cfg.algorithm.name!r} keeps none (use a gvm-* "
-                          f"algorithm)")
     if g.count_stage1 and not g.reuse_stage1:
         raise ConfigError("'gvm.count_stage1' counts the stage-1 samples trained on; it needs "
                           "'gvm.reuse_stage1' = true")

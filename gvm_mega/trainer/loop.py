@@ -124,7 +124,9 @@ class Trainer:
             allocation = self.allocate(prompts, stage1)
         with timer("stage2"):
             stage2 = self.sample(prompts, allocation.samples, it, "stage2")
-            if stage1 is not None and self.cfg.gvm.rates_from_stage2:
+            if stage1 is None and self.cfg.gvm.skip_solved_above is not None:
+                self.observe(prompts, stage2)
+            elif stage1 is not None and self.cfg.gvm.rates_from_stage2:
                 self.count_stage2(prompts, stage2)
         with timer("train"):
             train_groups = merge_groups(stage1.groups, stage2) \
@@ -142,7 +144,7 @@ class Trainer:
         over prompts the statistics already call solved: their pre-samples would buy almost
         nothing (p near 1, small G), so the batch's budget goes to prompts with signal."""
         size, limit = self.cfg.train.prompts_per_iteration, self.cfg.gvm.skip_solved_above
-        if limit is None or not self.allocator.needs_statistics:
+        if limit is None:
             return self.run.stream.next_batch(size)
 
         def solved(prompt) -> bool:
@@ -216,6 +218,15 @@ class Trainer:
     def drawn(self, stage1: Stage1) -> np.ndarray | int:
         """Pre-samples per prompt the rule counts as already drawn (``gvm.count_stage1``)."""
         return stage1.counts if self.cfg.gvm.count_stage1 else 0
+
+    def observe(self, prompts: list, groups: list[Group]) -> None:
+        """A uniform algorithm's verdicts into the statistics (driver), so that
+        ``gvm.skip_solved_above`` can pass over solved prompts without any allocation."""
+        drawn = [(p.id, len(g.samples), g.num_accepted) for p, g in zip(prompts, groups)
+                 if g.samples]
+        if self.run.is_driver and drawn:
+            ids, counts, accepted = zip(*drawn)
+            self.stats.update(list(ids), list(counts), list(accepted))
 
     def count_stage2(self, prompts: list, stage2: list[Group]) -> None:
         """Stage 2's verdicts into the statistics' p_i (driver): they are free, and a prompt
