@@ -13,6 +13,7 @@ from gvm_mega.allocation import (
     allocate,
     read_stats_jsonl,
 )
+from gvm_mega.allocation.beta_prior import fit_beta_prior
 from gvm_mega.config import ConfigError, load_config
 
 
@@ -164,6 +165,15 @@ def test_pooling_options_are_checked():
                               "gvm.skip_solved_above=0.9"]).gvm.skip_solved_above == 0.9
     with pytest.raises(ConfigError, match="'gvm.grad_norm_shrink' must be"):
         load_config(None, ["gvm.estimator=posterior", "gvm.grad_norm_shrink=-1"])
+    # the per-iteration estimator has no use for them: an error, not a silent no-op
+    for key in ("prior_a=3", "prior_b=2", "prior=fitted", "grad_norm_ema=0.9",
+                "grad_norm_fallback=similar-p", "grad_norm_shrink=1", "rates_from_stage2=true",
+                "presample_until=4"):
+        with pytest.raises(ConfigError, match=rf"'gvm.{key.split('=')[0]}' .* only applies to "
+                                              r"'gvm.estimator' = posterior"):
+            load_config(None, [f"gvm.{key}"])
+        assert load_config(None, [f"gvm.{key}", "gvm.estimator=posterior"])
+    assert load_config(None, ["gvm.prior_a=1.0", "gvm.presample_until=null"])  # defaults pass
 
 
 def test_record_of_one_prompt():
@@ -254,15 +264,50 @@ def test_load_state_dict_rejects_broken_states():
         store.load_state_dict(state)
 
 
+def test_fitted_prior_follows_the_pool_once_it_is_large_enough():
+    store = PromptStatsStore("posterior", prior_a=3.0, prior_b=1.0, prior="fitted")
+    rng = np.random.default_rng(5)
+    ids = [f"p{i}" for i in range(15)]
+    store.update(ids, [2] * 15, [0] * 15, [1.0] * 15)
+    assert store.prior() == (3.0, 1.0)        # too few prompts: the configured prior
+    assert store.accept_rate("p0") == pytest.approx(3 / 6)
+    # a pool that mostly fails: the fitted prior's mean drops well below Beta(3, 1)'s 0.75
+    more = [f"q{i}" for i in range(200)]
+    counts = rng.binomial(4, rng.beta(1.0, 6.0, 200))
+    store.update(more, [4] * 200, counts, [1.0] * 200)
+    a, b = store.prior()
+    assert (a, b) != (3.0, 1.0) and a / (a + b) < 0.3
+    expected_a, expected_b = fit_beta_prior([2] * 15 + [4] * 200, [0] * 15 + counts.tolist())
+    assert (a, b) == (expected_a, expected_b)
+    g, p = store.estimates(["p0", "q0"])
+    assert p.tolist() == pytest.approx([a / (a + b + 2), (a + counts[0]) / (a + b + 4)])
+    # the fit reads each prompt's latest observation, and is redone after every update
+    store.update(more, [4] * 200, [4] * 200, [1.0] * 200)
+    a2, b2 = store.prior()
+    assert a2 / (a2 + b2) > 0.5
+    assert store.accept_rate("q0") == pytest.approx((a2 + counts[0] + 4) / (a2 + b2 + 8))
+    # a restored store refits from the restored counts
+    state = store.state_dict()
+    assert state["settings"]["prior"] == "fitted"
+    fresh = PromptStatsStore("posterior", prior="fitted")
+    fresh.load_state_dict(state)
+    assert fresh.prior() == (a2, b2)
+    with pytest.raises(ValueError, match="prior must be one of"):
+        PromptStatsStore("posterior", prior="empirical")
+
+
 def test_from_config():
     cfg = load_config(None, ["gvm.estimator=posterior", "gvm.prior_a=2", "gvm.prior_b=3",
                              "gvm.grad_norm_ema=0.9", "gvm.grad_norm_fallback=similar-p",
-                             "gvm.grad_norm_shrink=1.5"])
+                             "gvm.grad_norm_shrink=1.5", "gvm.prior=fitted"])
     store = PromptStatsStore.from_config(cfg.gvm)
     assert (store.estimator, store.prior_a, store.prior_b, store.grad_norm_ema,
             store.grad_norm_fallback, store.grad_norm_shrink) == (
         "posterior", 2.0, 3.0, 0.9, "similar-p", 1.5)
     assert store.state_dict()["settings"]["grad_norm_fallback"] == "similar-p"
+    assert store.prior_kind == "fitted"
+    with pytest.raises(ConfigError, match="gvm.prior"):
+        load_config(None, ["gvm.prior=empirical"])
 
 
 # --- the statistics file --------------------------------------------------------------

@@ -112,6 +112,30 @@ def test_drawn_counts_the_pre_samples(tmp_path):
                             "--drawn", -1)
 
 
+def test_fitted_prior(tmp_path):
+    """--prior fitted: the estimates use the prior fitted to the file's own counts."""
+    from gvm_mega.allocation.beta_prior import fit_beta_prior
+
+    rng = np.random.default_rng(2)
+    accepted = rng.binomial(8, rng.beta(1.0, 5.0, 40))
+    stats = write_jsonl(tmp_path / "stats.jsonl", [
+        {"prompt_id": f"p{i}", "num_samples": 8, "num_accepted": int(k),
+         "grad_norm": 1.0 + i if k else None} for i, k in enumerate(accepted)])
+    out = tmp_path / "alloc.json"
+    assert allocate_in_process("--stats", stats, "--budget", 160, "--out", out,
+                               "--estimator", "posterior", "--prior", "fitted") == 0
+    doc = json.loads(out.read_text())
+    a, b = fit_beta_prior([8] * 40, accepted)
+    assert doc["prior_used"] == [a, b] and doc["params"]["prior"] == "fitted"
+    assert doc["estimates"]["p0"]["p"] == pytest.approx((a + accepted[0]) / (a + b + 8))
+    assert allocate_in_process("--stats", stats, "--budget", 160, "--out", out,
+                               "--estimator", "posterior") == 0
+    assert json.loads(out.read_text())["prior_used"] == [1.0, 1.0]
+    with pytest.raises(SystemExit, match="'gvm.prior' .* only applies to 'gvm.estimator' = "
+                                         "posterior"):
+        allocate_in_process("--stats", stats, "--budget", 160, "--out", out, "--prior", "fitted")
+
+
 def test_posterior_uniform_and_config_defaults(tmp_path):
     out = tmp_path / "alloc.json"
     assert allocate_in_process("--stats", EXAMPLE, "--budget", 64, "--out", out,
@@ -223,7 +247,8 @@ def test_infeasible_caps_fail_cleanly_and_keep_the_old_output(tmp_path):
 @pytest.mark.parametrize("extra, problem", [
     (["--alpha", -1], "--alpha: "),
     (["--filter-threshold", 2], "--filter-threshold: "),
-    (["--min-samples", 9, "--max-samples", 3], "max_samples (3) is below min_samples (9)"),
+    (["--min-samples", 9, "--max-samples", 3],
+     "'gvm.min_samples' (9) must not exceed 'gvm.max_samples' (3)"),
     (["--budget", -5], "--budget must be non-negative"),
     (["--dp", 0], "--dp must be at least 1"),
     (["--out", "missing-dir/a.json"], "does not exist"),

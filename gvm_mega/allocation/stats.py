@@ -9,7 +9,10 @@ Two estimators:
 ``posterior``
     ``p_i`` is the Beta(a, b) posterior mean over every observation,
     ``(a + accepted) / (a + b + samples)``, so 0/8 gives a small positive rate instead of
-    zero; ``G_i`` is an exponential moving average of the observed norms (``ema`` is the
+    zero. The prior is ``prior_a``/``prior_b`` as given (``prior="fixed"``) or, with
+    ``prior="fitted"``, fitted to every prompt's latest observation (empirical Bayes, see
+    :mod:`.beta_prior`) once ``MIN_FIT_PROMPTS`` prompts are known: the pool's own rates
+    replace a guess that is right for one task and policy only; ``G_i`` is an exponential moving average of the observed norms (``ema`` is the
     weight of the old value). A prompt that never had an accepted response, and so never had
     a gradient norm, gets a pooled ``G`` (1.0 if no prompt has one yet):
 
@@ -36,10 +39,15 @@ from typing import Iterable, Literal, Optional
 
 import numpy as np
 
+from .beta_prior import fit_beta_prior
+
 Estimator = Literal["per-iteration", "posterior"]
 ESTIMATORS = ("per-iteration", "posterior")
 GradNormFallback = Literal["mean", "similar-p"]
 GRAD_NORM_FALLBACKS = ("mean", "similar-p")
+Prior = Literal["fixed", "fitted"]
+PRIORS = ("fixed", "fitted")
+MIN_FIT_PROMPTS = 16
 SIMILAR_P_NEIGHBOURS = 16
 _FORMAT = "gvm_mega.PromptStatsStore/1"
 _INT_FIELDS = ("total_samples", "total_accepted", "last_samples", "last_accepted",
@@ -68,9 +76,11 @@ class PromptStatsStore:
     def __init__(self, estimator: Estimator = "per-iteration", *, prior_a: float = 1.0,
                  prior_b: float = 1.0, grad_norm_ema: float = 0.5,
                  grad_norm_fallback: GradNormFallback = "mean",
-                 grad_norm_shrink: float = 0.0) -> None:
+                 grad_norm_shrink: float = 0.0, prior: Prior = "fixed") -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         if grad_norm_fallback not in GRAD_NORM_FALLBACKS:
             raise ValueError(f"grad_norm_fallback must be one of {GRAD_NORM_FALLBACKS}, "
                              f"got {grad_norm_fallback!r}")
@@ -86,6 +96,8 @@ class PromptStatsStore:
             grad_norm_ema)
         self.grad_norm_fallback = grad_norm_fallback
         self.grad_norm_shrink = float(grad_norm_shrink)
+        self.prior_kind = prior
+        self._fitted: Optional[tuple[float, float]] = None   # cache, cleared by update()
         self._index: dict[str, int] = {}
         self._ids: list[str] = []
         self._cols: dict[str, np.ndarray] = {}
@@ -97,7 +109,7 @@ class PromptStatsStore:
         return cls(gvm_cfg.estimator, prior_a=gvm_cfg.prior_a, prior_b=gvm_cfg.prior_b,
                    grad_norm_ema=gvm_cfg.grad_norm_ema,
                    grad_norm_fallback=gvm_cfg.grad_norm_fallback,
-                   grad_norm_shrink=gvm_cfg.grad_norm_shrink)
+                   grad_norm_shrink=gvm_cfg.grad_norm_shrink, prior=gvm_cfg.prior)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -143,6 +155,7 @@ class PromptStatsStore:
         c["ema_grad_norm"][r] = np.where(np.isnan(old), gs,
                                          self.grad_norm_ema * old + (1 - self.grad_norm_ema) * gs)
         c["grad_observations"][r] += 1
+        self._fitted = None
 
     def add_counts(self, prompt_ids: Iterable, num_samples, num_accepted) -> None:
         """Add verified draws of already-observed prompts to their totals (the posterior's
@@ -191,10 +204,20 @@ class PromptStatsStore:
             g = np.where(seen & (ema > 0) & (pooled > 0), mixed, g)
         return g, p
 
+    def prior(self) -> tuple[float, float]:
+        """The Beta prior ``(a, b)`` the posterior estimates use now."""
+        k = len(self)
+        if self.prior_kind == "fixed" or k < MIN_FIT_PROMPTS:
+            return self.prior_a, self.prior_b
+        if self._fitted is None:
+            c = self._cols
+            self._fitted = fit_beta_prior(c["last_samples"][:k], c["last_accepted"][:k])
+        return self._fitted
+
     def _posterior_p(self, rows: np.ndarray) -> np.ndarray:
         c = self._cols
-        return (self.prior_a + c["total_accepted"][rows]) / (
-            self.prior_a + self.prior_b + c["total_samples"][rows])
+        a, b = self.prior()
+        return (a + c["total_accepted"][rows]) / (a + b + c["total_samples"][rows])
 
     def _pooled_grad_norm(self, p: np.ndarray) -> np.ndarray:
         """The pooled G for prompts with estimated rates ``p`` (see the module docstring)."""
@@ -245,7 +268,8 @@ class PromptStatsStore:
                  "settings": {"estimator": self.estimator, "prior_a": self.prior_a,
                               "prior_b": self.prior_b, "grad_norm_ema": self.grad_norm_ema,
                               "grad_norm_fallback": self.grad_norm_fallback,
-                              "grad_norm_shrink": self.grad_norm_shrink}}
+                              "grad_norm_shrink": self.grad_norm_shrink,
+                              "prior": self.prior_kind}}
         for f in _INT_FIELDS + _FLOAT_FIELDS:
             state[f] = self._cols[f][:k].tolist()
         return state
@@ -267,6 +291,7 @@ class PromptStatsStore:
                 raise ValueError(f"PromptStatsStore state: '{f}' has {len(state[f])} entries "
                                  f"for {len(ids)} prompt ids")
         self._ids = ids
+        self._fitted = None
         self._index = {k: i for i, k in enumerate(ids)}
         self._allocate_columns(len(ids))
         for f in _INT_FIELDS:

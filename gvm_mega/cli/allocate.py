@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="p_i = accepted / samples, or the Beta(prior_a, prior_b) posterior mean")
     p.add_argument("--prior-a", type=float, help="Beta prior a for --estimator posterior")
     p.add_argument("--prior-b", type=float, help="Beta prior b for --estimator posterior")
+    p.add_argument("--prior", choices=("fixed", "fitted"),
+                   help="--estimator posterior: the prior as --prior-a/--prior-b give it, or "
+                        "fitted to the file's counts (empirical Bayes)")
     p.add_argument("--grad-norm-fallback", choices=("mean", "similar-p"),
                    help="--estimator posterior: G for a prompt with nothing accepted, the mean "
                         "of all known norms or of the 16 prompts nearest in p")
@@ -55,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 _GVM_OPTIONS = ("alpha", "beta", "filter_threshold", "filter_insufficient", "min_samples",
-                "max_samples", "estimator", "prior_a", "prior_b", "grad_norm_fallback",
+                "max_samples", "estimator", "prior_a", "prior_b", "prior", "grad_norm_fallback",
                 "grad_norm_shrink")
 
 
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from gvm_mega.allocation.diagnostics import weighting_of
     from gvm_mega.allocation.gvm import KEPT
     from gvm_mega.cli import CLIError
-    from gvm_mega.config import ConfigError, apply_overrides, load_config
+    from gvm_mega.config import ConfigError, apply_overrides, load_config, validate
 
     if args.budget < 0:
         raise CLIError(f"--budget must be non-negative, got {args.budget}")
@@ -98,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
                 apply_overrides(cfg, [f"gvm.{key}={value}"])
             except ConfigError as exc:
                 raise CLIError(f"--{key.replace('_', '-')}: {exc}") from None
+    try:
+        validate(cfg)   # the checks between keys, e.g. a prior without the posterior estimator
+    except ConfigError as exc:
+        raise CLIError(f"options: {exc}") from None
     gvm = cfg.gvm
 
     try:
@@ -133,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         "strategy": "uniform" if args.uniform else "gvm",
         "budget": args.budget,
         "params": {**{k: getattr(gvm, k) for k in _GVM_OPTIONS}, "drawn": args.drawn},
+        "prior_used": list(store.prior()) if gvm.estimator == "posterior" else None,
         "estimates": {pid: {"p": float(p), "grad_norm": float(g)}
                       for pid, p, g in zip(table.prompt_ids, accept_rates, grad_norms)},
     }

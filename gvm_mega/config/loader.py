@@ -16,7 +16,7 @@ from typing import Any, Iterable, Literal, Union
 import yaml
 
 from gvm_mega.config.fields import check_bounds, describe_bounds
-from gvm_mega.config.schema import Config
+from gvm_mega.config.schema import POSTERIOR_ONLY, Config, GVMConfig
 
 
 class ConfigError(ValueError):
@@ -247,6 +247,13 @@ def validate(cfg: Config) -> Config:
     if g.max_samples is not None and g.min_samples > g.max_samples:
         raise ConfigError(f"'gvm.min_samples' ({g.min_samples}) must not exceed "
                           f"'gvm.max_samples' ({g.max_samples})")
+    if g.estimator != "posterior":
+        default = GVMConfig()
+        changed = [k for k in POSTERIOR_ONLY if getattr(g, k) != getattr(default, k)]
+        if changed:
+            raise ConfigError(f"'gvm.{changed[0]}' ({getattr(g, changed[0])!r}) only applies "
+                              f"to 'gvm.estimator' = posterior, which is {g.estimator!r}; "
+                              f"set the estimator or drop the key")
     if g.count_stage1 and not g.reuse_stage1:
         raise ConfigError("'gvm.count_stage1' counts the stage-1 samples trained on; it needs "
                           "'gvm.reuse_stage1' = true")

@@ -140,6 +140,12 @@ class RewardConfig:
                     "wrong step scores 0); evaluation scores answers only")
 
 
+# gvm keys the per-iteration estimator has no use for: setting one without the posterior
+# estimator is an error rather than a silent no-op.
+POSTERIOR_ONLY = ("prior_a", "prior_b", "prior", "grad_norm_ema", "grad_norm_fallback",
+                  "grad_norm_shrink", "rates_from_stage2", "presample_until")
+
+
 @dataclass
 class GVMConfig:
     presample_n: int = option(8, ge=1, help="N': stage-1 samples per prompt")
@@ -160,6 +166,10 @@ class GVMConfig:
         "per-iteration", help="p and G from this iteration, or Beta posterior / EMA across iterations")
     prior_a: float = option(1.0, gt=0, help="Beta prior a (accepts) for the posterior estimator")
     prior_b: float = option(1.0, gt=0, help="Beta prior b (rejects) for the posterior estimator")
+    prior: Literal["fixed", "fitted"] = option(
+        "fixed", help="posterior: the Beta prior of p, prior_a/prior_b as given, or fitted to "
+                      "every prompt's latest observation each iteration (empirical Bayes; "
+                      "prior_a/prior_b until 16 prompts are known)")
     grad_norm_ema: float = option(0.5, ge=0, lt=1, help="weight of the old G in the EMA")
     grad_norm_average: Literal["mean", "rms"] = option(
         "mean", help="G_i from a prompt's accepted samples' gradient norms: their mean, or "

@@ -22,6 +22,7 @@ import numpy as np
 
 from gvm_mega.allocation.diagnostics import (best_variance_proxy, variance_proxy,
                                              weighting_of)
+from gvm_mega.config.schema import POSTERIOR_ONLY, GVMConfig
 from gvm_mega.convergence.arms import run_training
 from gvm_mega.convergence.bench import (COMMON, DEFAULT_PER_ALGORITHM, DEFAULT_SIZE, QUICK_SIZE,
                                         _OverridesAnywhere)
@@ -157,6 +158,19 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _posterior_options_off() -> list[str]:
+    """Overrides that return the posterior-only keys to their defaults: the reference's
+    per-iteration estimate refuses them, and a one-iteration run has nothing to pool."""
+    default = GVMConfig()
+    return [f"gvm.{key}={_override_value(getattr(default, key))}" for key in POSTERIOR_ONLY]
+
+
+def _override_value(value) -> str:
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _check_settings(out: Path, settings: dict) -> None:
     """Finished runs in ``out`` are reused: refuse them when they were made otherwise."""
     path = out / "settings.json"
@@ -201,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
               f"for the reference to know more than the estimate")
     runs = {"estimate": base,
             "reference": [*base, f"gvm.presample_n={draws}", "gvm.budget_per_prompt=1",
-                          "gvm.estimator=per-iteration"]}
+                          "gvm.estimator=per-iteration", *_posterior_options_off()]}
     out = Path(args.out)
     _check_settings(out, {"config": str(Path(config).resolve()), "runs": runs})
     with ThreadPoolExecutor(max_workers=2) as pool:
