@@ -212,6 +212,23 @@ def test_caps_are_respected_and_the_budget_still_met(stats, lo, hi, budget):
             assert np.all(lam * w[x == lo] <= lo * (1 + 1e-6))
 
 
+@pytest.mark.parametrize("p_tiny, hi, budget", [(1.4e-42, 7, 37), (4.6e-69, 7, 29),
+                                                 (4.6e-69, 5, 21)])
+def test_a_near_zero_rate_beside_capped_prompts_still_meets_the_budget(p_tiny, hi, budget):
+    """Weights 1e20 apart used to cancel in the breakpoint solve: over-allocation (25 of 21)
+    or a spurious InfeasibleAllocationError."""
+    g = np.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.5, 1.0, 0.0, 0.0])
+    p = np.array([0.125, 0.0, 0.125, 0.125, 0.125, 0.125, p_tiny, 0.0, 0.0])
+    res = allocate_detailed(g, p, budget, max_samples=hi)
+    kept = res.reasons == KEPT
+    assert res.samples.sum() == budget and res.samples.max() <= hi
+    assert abs(res.continuous[kept].sum() - budget) < 1e-6 * budget
+    # the near-zero prompt gets only what the others' caps leave over
+    assert res.samples[6] == max(budget - 5 * hi, 0)
+    x = water_fill(np.array([1.0, 1.0, 1e-30]), 2.5, 0.0, 1.0)
+    assert x.tolist() == pytest.approx([1.0, 1.0, 0.5])
+
+
 def test_cap_excess_is_redistributed_in_proportion():
     # uncapped: [60, 20, 20]; cap 30 moves 30 to the others in proportion 1:1
     n = allocate([3.0, 1.0, 1.0], [1.0, 1.0, 1.0], 100, alpha=0.0, max_samples=40)

@@ -241,7 +241,32 @@ def water_fill(weights: np.ndarray, total: float, lo, hi) -> np.ndarray:
         inside = (left + right) / 2 if math.isfinite(right) else 2 * left + 1.0
         f1, s1 = (a[0] for a in piece(np.array([inside])))
         lam = (total - f1) / s1 if s1 > 0 else right
-    return np.clip(lam * w, lo_v, hi_v)
+    shares = np.clip(lam * w, lo_v, hi_v)
+    if abs(shares.sum() - total) <= 1e-9 * max(total, 1.0):
+        return shares
+    # Weights many orders of magnitude apart (a prompt with p near 0 next to ordinary ones)
+    # make the prefix-sum differences cancel: find lam on the exact sum instead.
+    return _bisect_fill(w, total, lo_v, hi_v)
+
+
+def _bisect_fill(w: np.ndarray, total: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``water_fill`` by bisection on ``lam`` (geometric midpoints: lam may span 1e-300 to
+    1e300); slower than the breakpoint solve but free of cancellation."""
+    def filled(lam: float) -> float:
+        return float(np.clip(lam * w, lo, hi).sum())
+
+    low, high = 0.0, 1.0
+    while filled(high) < total and high < 1e300:
+        high *= 1e4
+    for _ in range(2000):
+        mid = math.sqrt(low * high) if low > 0 else high / 1e4 if high > 1e-290 else high / 2
+        if not low < mid < high:
+            break
+        if filled(mid) < total:
+            low = mid
+        else:
+            high = mid
+    return np.clip(high * w, lo, hi)
 
 
 def round_preserving_total(shares: np.ndarray, total: int, lo: int = 0,
