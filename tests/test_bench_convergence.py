@@ -38,6 +38,47 @@ def _curve(xs: list[float], ys: list[float]) -> Curve:
 
 
 # ---------------------------------------------------------------------- analysis
+def test_speedup_had_the_runs_stopped_sooner():
+    """by_horizon reads the headline with both arms cut at each eighth of the run: the
+    baseline's accuracy there is the target."""
+    from gvm_mega.convergence.analysis import cut_curve, speedup_by_horizon
+
+    xs = [0, 100, 200, 300, 400]
+    def at(ys):
+        return Curve((0, 10, 20, 30, 40), tuple(map(float, xs)), tuple(ys))
+    curves = {"raft++": [at([0.1, 0.2, 0.3, 0.4, 0.5])] * 2,
+              "gvm-raft++": [at([0.1, 0.25, 0.5, 0.55, 0.6])] * 2}
+    s = summarise(curves)["speedups"]["gvm-raft++"]
+    assert s["speedup"] == pytest.approx(2.0)   # the whole run: 0.5 at 400 against 200
+    horizons = s["by_horizon"]
+    # eighths of 40 at evals every 10: 5 has none after the start, 15 -> 10 (again), ...
+    assert [h["iteration"] for h in horizons] == [10, 20, 30]
+    assert [h["target_accuracy"] for h in horizons] == pytest.approx([0.2, 0.3, 0.4])
+    assert [h["variant_accuracy"] for h in horizons] == pytest.approx([0.25, 0.5, 0.55])
+    # GVM crosses 0.2 at 66.7, 0.3 at 120, 0.4 at 160 (interpolated on its cut curve)
+    assert [h["speedup"] for h in horizons] == pytest.approx([1.5, 200 / 120, 300 / 160])
+    # along the cut baseline's rise too: at 20, 0.1 -> 0.3, so its 50% is 0.2 (at 100; GVM 66.7)
+    assert horizons[1]["by_level"][1]["accuracy"] == pytest.approx(0.2)
+    assert horizons[1]["by_level"][1]["speedup"] == pytest.approx(1.5)
+    # identical seeds: every redraw reads the same ratio
+    assert horizons[1]["seed_bootstrap"]["quantiles"][1]["speedup"] == pytest.approx(200 / 120)
+    md = table_markdown(summarise(curves))
+    assert ("- gvm-raft++ had the runs stopped sooner (both arms' curves cut there): "
+            "iteration 10: raft++ 0.2000, gvm-raft++ 0.2500, 1.50x (redraw median 1.50x); "
+            "iteration 20: raft++ 0.3000, gvm-raft++ 0.5000, 1.67x") in md
+
+    # a share between eval points takes the last eval at or before it, shared by every seed
+    twelve = Curve((0, 12, 24, 36, 48, 60), (0., 1., 2., 3., 4., 5.),
+                   (0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+    gappy = Curve((0, 12, 36, 48, 60), (0., 1., 3., 4., 5.), (0.1, 0.3, 0.5, 0.6, 0.7))
+    found = speedup_by_horizon([gappy], [twelve], horizons=(0.25, 0.5, 0.75), bootstrap=False)
+    assert [h["iteration"] for h in found] == [12, 36]   # 15 -> 12, 30 -> 12 again, 45 -> 36
+    assert found[0]["seed_bootstrap"] is None
+    assert cut_curve(twelve, 30).iterations == (0, 12, 24)
+    with pytest.raises(ValueError, match="no eval point at or before iteration -1"):
+        cut_curve(twelve, -1)
+
+
 def test_curve_keeps_only_eval_records(tmp_path):
     path = _write_metrics(tmp_path / "run", [(0, 0, 0.1), (1, 100, None), (2, 200, 0.3),
                                              (3, 300, None), (4, 400, 0.35)])

@@ -14,6 +14,10 @@ That headline ratio is read at one accuracy, the baseline's last, which a baseli
 flattens reaches late; ``by_level`` repeats the reading at a quarter, half, three quarters
 and all of the baseline's rise from its start, to show whether the gain holds along the way.
 
+Where the runs stop matters too: the baseline's final accuracy moves with the run's length,
+and with it the headline. ``by_horizon`` reads the headline as if both arms had stopped at
+each eighth of the run (their curves cut at the last eval iteration there).
+
 Three seeds make a noisy mean, and the headline ratio reads it at one point, so
 ``seed_bootstrap`` redraws each arm's seeds with replacement and recomputes the ratio: its
 quantiles over draws say how much of the headline is down to which seeds ran.
@@ -41,6 +45,7 @@ _EPS = 1e-12
 MIN_GAIN = 0.01
 # Accuracies at which the speedup is also read, as shares of the baseline's rise.
 LEVELS = (0.25, 0.5, 0.75, 1.0)
+HORIZONS = tuple(k / 8 for k in range(1, 8))
 # Seed redraws behind the speedup's spread, the quantiles reported, and the speedup whose
 # share of draws is reported (the low end of the 2-4x the GVM-RAFT paper reports).
 BOOTSTRAP_DRAWS = 1000
@@ -207,6 +212,41 @@ def speedup(variant: str, variant_curve: Curve, baseline: str, baseline_curve: C
                    speedup_by_level(variant_curve, baseline_curve))
 
 
+def cut_curve(curve: Curve, iteration: int) -> Curve:
+    """The curve's points up to and including ``iteration``."""
+    keep = sum(1 for it in curve.iterations if it <= iteration)
+    if not keep:
+        raise ValueError(f"the curve has no eval point at or before iteration {iteration}")
+    return Curve(curve.iterations[:keep], curve.samples[:keep], curve.accuracy[:keep])
+
+
+def speedup_by_horizon(variant_runs: Sequence[Curve], baseline_runs: Sequence[Curve], *,
+                       horizons: Sequence[float] = HORIZONS, min_gain: float = MIN_GAIN,
+                       bootstrap: bool = True) -> list[dict]:
+    """The headline speedup had both arms stopped at each share of the run: at the last eval
+    iteration every seed of both arms shares at or before that share of the last one (each
+    such iteration once)."""
+    shared = sorted(set.intersection(*(set(c.iterations) for c in (*variant_runs,
+                                                                    *baseline_runs))))
+    out = []
+    for share in horizons:
+        earlier = [it for it in shared[1:] if it <= share * shared[-1]]
+        if not earlier or (out and out[-1]["iteration"] == earlier[-1]):
+            continue   # no eval point yet, or the same one as the share before
+        stop = earlier[-1]
+        v = [cut_curve(c, stop) for c in variant_runs]
+        b = [cut_curve(c, stop) for c in baseline_runs]
+        s = speedup("variant", mean_curve(v), "baseline", mean_curve(b), min_gain=min_gain)
+        out.append({"share": share, "iteration": stop, "target_accuracy": s.target_accuracy,
+                    "variant_accuracy": mean_curve(v).final_accuracy,
+                    "baseline_samples": s.baseline_samples,
+                    "variant_samples": s.variant_samples, "speedup": s.speedup,
+                    "by_level": [dict(level) for level in s.by_level],
+                    "seed_bootstrap": seed_bootstrap(v, b, min_gain=min_gain)
+                    if bootstrap else None})
+    return out
+
+
 def seed_bootstrap(variant_runs: Sequence[Curve], baseline_runs: Sequence[Curve], *,
                    draws: int = BOOTSTRAP_DRAWS, min_gain: float = MIN_GAIN,
                    seed: int = 0) -> Optional[dict]:
@@ -290,6 +330,8 @@ def summarise(curves: Mapping[str, Sequence[Curve]], *, min_gain: float = MIN_GA
                                     min_gain=min_gain).to_dict()
         speedups[variant]["seed_bootstrap"] = seed_bootstrap(curves[variant], curves[base],
                                                              min_gain=min_gain)
+        speedups[variant]["by_horizon"] = speedup_by_horizon(curves[variant], curves[base],
+                                                             min_gain=min_gain)
     return {"algorithms": algorithms, "speedups": speedups}
 
 
@@ -333,6 +375,8 @@ def table_markdown(summary: Mapping) -> str:
                   for name, s in summary["speedups"].items() if s.get("by_level")]
         notes += [_bootstrap_line(name, s["seed_bootstrap"])
                   for name, s in summary["speedups"].items() if s.get("seed_bootstrap")]
+        notes += [_horizon_line(name, s) for name, s in summary["speedups"].items()
+                  if s.get("by_horizon")]
         if any(summary["algorithms"].get(name, {}).get("variance_ratio_best")
                for name in summary["speedups"]):
             notes.append("- variance ratio: the allocation's gradient-variance proxy over "
@@ -355,3 +399,21 @@ def _bootstrap_line(name: str, boot: Mapping) -> str:
     if boot["undefined"]:
         line += f"; undefined in {boot['undefined']}"
     return line
+
+
+def _horizon_line(name: str, s: Mapping) -> str:
+    parts = []
+    for h in s["by_horizon"]:
+        text = (f"iteration {h['iteration']}: {s['baseline']} {_fmt(h['target_accuracy'], '.4f')}"
+                f", {name} {h['variant_accuracy']:.4f}, ")
+        if h["speedup"] is not None:
+            text += f"{h['speedup']:.2f}x"
+        else:
+            text += "never reached" if h["baseline_samples"] is not None else "undefined"
+        boot = h.get("seed_bootstrap") or {}
+        median = [q["speedup"] for q in boot.get("quantiles") or () if q["q"] == 0.5]
+        if median:
+            text += f" (redraw median {median[0]:.2f}x)"
+        parts.append(text)
+    return (f"- {name} had the runs stopped sooner (both arms' curves cut there): "
+            + "; ".join(parts))

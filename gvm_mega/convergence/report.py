@@ -37,6 +37,9 @@ def table_rows(summary: Mapping) -> dict:
                  "speedup_by_level": [{k: level[k] for k in ("level", "accuracy", "speedup")}
                                       for level in s.get("by_level", [])],
                  "speedup_seed_bootstrap": s.get("seed_bootstrap"),
+                 "speedup_by_horizon": [{k: h[k] for k in ("iteration", "target_accuracy",
+                                                          "variant_accuracy", "speedup")}
+                                        for h in s.get("by_horizon", [])],
                  **{f"{key}_mean": (summary["algorithms"].get(name, {}).get(key) or {}).get("mean")
                     for key in ("variance_ratio", "variance_ratio_best")}}
                 for name, s in summary["speedups"].items()]
