@@ -291,6 +291,37 @@ def test_skip_solved_passes_over_prompts_the_statistics_call_solved(tiny):
     assert [r["prompts_skipped"] for r in metrics(run_dir)[1:]] == [0, MAX_SKIPS * 4]
 
 
+def test_skip_recheck_every_epoch_visits_solved_prompts_anyway(tiny):
+    """gvm.skip_recheck_every=1 rechecks every prompt called solved in every epoch: the same
+    run as above passes over nothing."""
+    root, config, warm = tiny
+    run_dir = root / "skip-recheck"
+    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", "train.iterations=2",
+                                            "data.arithmetic_train_size=6",
+                                            "gvm.estimator=posterior",
+                                            "gvm.skip_solved_above=0",
+                                            "gvm.skip_recheck_every=1"]) == 0
+    first, second = (set(a["samples"]) for a in allocations(run_dir))
+    assert len(first) == len(second) == 4 and len(first | second) == 6
+    assert [r["prompts_skipped"] for r in metrics(run_dir)[1:]] == [0, 0]
+
+
+def test_rechecks_come_once_every_so_many_epochs_staggered_by_prompt():
+    from gvm_mega.trainer.loop import rechecked
+
+    ids = [f"arith-{i}" for i in range(60)]
+    assert not any(rechecked(i, e, None) for i in ids for e in range(5))
+    assert all(rechecked(i, e, 1) for i in ids for e in range(5))
+    for every in (2, 3, 5):
+        epochs = [[e for e in range(3 * every) if rechecked(i, e, every)] for i in ids]
+        assert all(len(es) == 3 and es[1] - es[0] == es[2] - es[1] == every for es in epochs)
+        assert {es[0] for es in epochs} == set(range(every))   # spread over the epochs
+    from gvm_mega.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="'gvm.skip_recheck_every' .* needs "
+                                          "'gvm.skip_solved_above'"):
+        load_config(None, ["gvm.skip_recheck_every=4"])
+
+
 def test_uniform_raft_plus_plus_skips_solved_prompts_too(tiny):
     """RAFT++ keeps its verdicts when gvm.skip_solved_above is set, so the stream passes over
     solved prompts without any allocation: the same batches and skips as the GVM run above."""

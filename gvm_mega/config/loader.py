@@ -254,6 +254,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"'gvm.{changed[0]}' ({getattr(g, changed[0])!r}) only applies "
                               f"to 'gvm.estimator' = posterior, which is {g.estimator!r}; "
                               f"set the estimator or drop the key")
+    if g.skip_recheck_every is not None and g.skip_solved_above is None:
+        raise ConfigError(f"'gvm.skip_recheck_every' ({g.skip_recheck_every}) revisits skipped "
+                          f"prompts; it needs 'gvm.skip_solved_above'")
     if g.count_stage1 and not g.reuse_stage1:
         raise ConfigError("'gvm.count_stage1' counts the stage-1 samples trained on; it needs "
                           "'gvm.reuse_stage1' = true")

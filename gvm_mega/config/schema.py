@@ -160,6 +160,10 @@ class GVMConfig:
         None, ge=0, le=1, help="pass over prompts whose estimated p from earlier visits is "
                                "above this (no samples at all); the batch is filled from the "
                                "stream instead")
+    skip_recheck_every: Optional[int] = option(
+        None, ge=1, help="with skip_solved_above: a prompt called solved is still visited in "
+                         "one epoch of every this many (staggered by prompt), so a prompt the "
+                         "policy forgets is noticed; null never revisits")
     min_samples: int = option(0, ge=0, help="floor on n_i for eligible prompts")
     max_samples: Optional[int] = option(None, ge=1, help="cap on n_i (excess redistributed)")
     estimator: Literal["per-iteration", "posterior"] = option(

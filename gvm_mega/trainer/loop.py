@@ -19,6 +19,7 @@ Uniform algorithms (raft, raft++, grpo) skip stages 1-3 and give every prompt th
 from __future__ import annotations
 
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,10 +147,12 @@ class Trainer:
         size, limit = self.cfg.train.prompts_per_iteration, self.cfg.gvm.skip_solved_above
         if limit is None:
             return self.run.stream.next_batch(size)
+        stream, recheck = self.run.stream, self.cfg.gvm.skip_recheck_every
 
         def solved(prompt) -> bool:
             rate = self.stats.accept_rate(prompt.id)
-            return rate is not None and rate > limit
+            return (rate is not None and rate > limit
+                    and not rechecked(prompt.id, stream.epoch, recheck))
 
         return self.run.stream.next_batch(size, skip=solved, max_skips=MAX_SKIPS * size)
 
@@ -342,6 +345,13 @@ class Trainer:
             self.samples_total = state["samples_total"]
             self.tokens_generated = state["tokens_generated"]
         return loaded.iteration
+
+
+def rechecked(prompt_id: str, epoch: int, every: Optional[int]) -> bool:
+    """Whether ``gvm.skip_recheck_every`` visits a prompt called solved in this epoch: one
+    epoch in ``every``, offset per prompt by a stable hash of its id so that the rechecks of a
+    pool are spread over the epochs instead of arriving all at once."""
+    return every is not None and (epoch + zlib.crc32(prompt_id.encode("utf-8"))) % every == 0
 
 
 def accepted_distinct_fraction(groups: list[Group]) -> Optional[float]:
