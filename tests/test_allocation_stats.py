@@ -294,6 +294,12 @@ def test_fitted_prior_follows_the_pool_once_it_is_large_enough():
     assert fresh.prior() == (a2, b2)
     with pytest.raises(ValueError, match="prior must be one of"):
         PromptStatsStore("posterior", prior="empirical")
+    # one pre-sample per prompt: the mean is fitted, the configured strength kept
+    single = PromptStatsStore("posterior", prior_a=3.0, prior_b=1.0, prior="fitted")
+    single.update([f"s{i}" for i in range(40)], [1] * 40, [int(i % 4 == 0) for i in range(40)],
+                  [1.0] * 40)
+    a, b = single.prior()
+    assert a + b == pytest.approx(4.0) and a / (a + b) == pytest.approx(0.25)
 
 
 def test_from_config():

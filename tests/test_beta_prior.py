@@ -57,3 +57,19 @@ def test_prompts_without_samples_are_ignored_and_bad_counts_refused():
         fit_beta_prior([2, 2], [1])
     with pytest.raises(ValueError, match="max_strength must exceed"):
         fit_beta_prior([2], [1], max_strength=0.05)
+
+
+def test_one_draw_per_prompt_fits_the_mean_at_the_given_strength():
+    rng = np.random.default_rng(1)
+    n = np.ones(800, dtype=int)
+    k = rng.binomial(n, 0.3)
+    a, b = fit_beta_prior(n, k, strength_if_unknown=4.0)
+    assert a + b == pytest.approx(4.0) and a / (a + b) == pytest.approx(k.mean())
+    with pytest.raises(ValueError, match="one draw per prompt shows no spread"):
+        fit_beta_prior(n, k)
+    # all accepted: the mean stays inside (0, 1), so the prior stays proper
+    a, b = fit_beta_prior(n, n, strength_if_unknown=2.0)
+    assert 0 < b < a and a + b == pytest.approx(2.0)
+    # one prompt drawn twice makes the spread identifiable: the given strength is not used
+    n2, k2 = np.append(n, 2), np.append(k, 1)
+    assert fit_beta_prior(n2, k2) == fit_beta_prior(n2, k2, strength_if_unknown=4.0)

@@ -20,14 +20,17 @@ import torch
 
 MIN_STRENGTH = 0.1
 MAX_STRENGTH = 1000.0
+MEAN_RANGE = (0.0025, 0.9975)
 
 
-def fit_beta_prior(num_samples, num_accepted, *, max_strength: float = MAX_STRENGTH
-                   ) -> tuple[float, float]:
+def fit_beta_prior(num_samples, num_accepted, *, max_strength: float = MAX_STRENGTH,
+                   strength_if_unknown: float | None = None) -> tuple[float, float]:
     """Maximum marginal likelihood ``(a, b)`` for ``num_accepted[i]`` of ``num_samples[i]``.
 
     Prompts with no samples carry no information and are ignored; at least one prompt must
-    have some.
+    have some. With a single draw per prompt the pool shows its mean but not its spread (the
+    likelihood is flat in the strength): then the prior keeps ``strength_if_unknown`` and
+    only its mean is fitted (a ValueError if it is None).
     """
     n = np.asarray(num_samples, dtype=np.int64).ravel()
     k = np.asarray(num_accepted, dtype=np.int64).ravel()
@@ -40,6 +43,11 @@ def fit_beta_prior(num_samples, num_accepted, *, max_strength: float = MAX_STREN
     drawn = n > 0
     if not drawn.any():
         raise ValueError("no prompt has any samples to fit a prior to")
+    if not (n >= 2).any():
+        if strength_if_unknown is None:
+            raise ValueError("one draw per prompt shows no spread to fit a prior's strength to")
+        mean = float(np.clip(k.sum() / n.sum(), MEAN_RANGE[0], MEAN_RANGE[1]))
+        return mean * strength_if_unknown, (1 - mean) * strength_if_unknown
     # The likelihood depends on (n, k) only: one term per distinct pair, weighted by its count.
     pairs, weight = np.unique(np.stack([n[drawn], k[drawn]]), axis=1, return_counts=True)
     n_t, k_t = (torch.as_tensor(pairs[j], dtype=torch.float64) for j in (0, 1))
@@ -53,9 +61,9 @@ def fit_beta_prior(num_samples, num_accepted, *, max_strength: float = MAX_STREN
         return float(m.flatten()[i]), float(s.flatten()[i])
 
     log_lo, log_hi = np.log(MIN_STRENGTH), np.log(max_strength)
-    mean, strength = best(torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64),
+    mean, strength = best(torch.linspace(*MEAN_RANGE, 200, dtype=torch.float64),
                           torch.linspace(log_lo, log_hi, 81, dtype=torch.float64).exp())
-    mean_step, log_step = 0.995 / 199, (log_hi - log_lo) / 80
+    mean_step, log_step = (MEAN_RANGE[1] - MEAN_RANGE[0]) / 199, (log_hi - log_lo) / 80
     mean, strength = best(
         torch.linspace(max(mean - mean_step, 1e-4), min(mean + mean_step, 1 - 1e-4), 41,
                        dtype=torch.float64),

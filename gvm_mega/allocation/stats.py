@@ -12,7 +12,8 @@ Two estimators:
     zero. The prior is ``prior_a``/``prior_b`` as given (``prior="fixed"``) or, with
     ``prior="fitted"``, fitted to every prompt's latest observation (empirical Bayes, see
     :mod:`.beta_prior`) once ``MIN_FIT_PROMPTS`` prompts are known: the pool's own rates
-    replace a guess that is right for one task and policy only; ``G_i`` is an exponential moving average of the observed norms (``ema`` is the
+    replace a guess that is right for one task and policy only (with one pre-sample per
+    prompt only the mean is fitted, at the strength ``prior_a + prior_b``); ``G_i`` is an exponential moving average of the observed norms (``ema`` is the
     weight of the old value). A prompt that never had an accepted response, and so never had
     a gradient norm, gets a pooled ``G`` (1.0 if no prompt has one yet):
 
@@ -211,7 +212,8 @@ class PromptStatsStore:
             return self.prior_a, self.prior_b
         if self._fitted is None:
             c = self._cols
-            self._fitted = fit_beta_prior(c["last_samples"][:k], c["last_accepted"][:k])
+            self._fitted = fit_beta_prior(c["last_samples"][:k], c["last_accepted"][:k],
+                                          strength_if_unknown=self.prior_a + self.prior_b)
         return self._fitted
 
     def _posterior_p(self, rows: np.ndarray) -> np.ndarray:
