@@ -364,6 +364,8 @@ def test_rates_from_stage2_add_every_verified_draw_to_the_statistics(tiny):
     assert totals == {k: 4 + n for k, n in allocated.items()} and sum(allocated.values()) > 0
     rates = [accepted[k] / totals[k] for k in allocated]
     assert metrics(run_dir)[1]["accept_rate_mean"] == pytest.approx(sum(rates) / len(rates))
+    # the posterior's prior is logged (the configured Beta(1, 1): too few prompts to fit)
+    assert (metrics(run_dir)[1]["prior_a"], metrics(run_dir)[1]["prior_b"]) == (1.0, 1.0)
 
 
 def test_presample_until_spends_a_known_prompts_pre_samples_in_stage_2(tiny):

@@ -313,6 +313,8 @@ class Trainer:
                             drawn=self.drawn(stage1),
                             weighting=weighting_of(self.cfg.algorithm.prompt_weight))
             seen = stage1.grad_norms[stage1.accept_rates > 0]
+            if self.cfg.gvm.estimator == "posterior":   # fitted with gvm.prior=fitted
+                out["prior_a"], out["prior_b"] = self.stats.prior()
             out.update(prompts_presampled=int(np.count_nonzero(stage1.counts)),
                        presample_accept_rate_mean=float(np.mean(stage1.accept_rates)),
                        grad_norm_mean=float(np.mean(seen)) if seen.size else None,
