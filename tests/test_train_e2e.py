@@ -274,6 +274,53 @@ def test_count_stage1_allocates_the_totals(tiny):
     assert row["samples_total"] == 16 + 16 and row["variance_ratio"] > 0
 
 
+def test_shuffle_allocation_gives_the_rules_counts_to_prompts_in_a_seeded_order(tiny):
+    """gvm.shuffle_allocation (the control run): stage 2 draws the counts the rule set for the
+    measured p_i and G_i, permuted over the batch as shuffled() does for this seed and batch."""
+    import numpy as np
+
+    from gvm_mega.allocation import AllocationResult, allocate
+    from gvm_mega.trainer.loop import shuffled
+
+    root, config, warm = tiny
+    run_dir = root / "shuffled"
+    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", "gvm.count_stage1=true",
+                                            "gvm.shuffle_allocation=true", "run.seed=7",
+                                            "train.iterations=1"]) == 0
+    alloc = allocations(run_dir)[0]
+    ids = list(alloc["samples"])
+    p = [alloc["accept_rate"][i] for i in ids]
+    g = [alloc["grad_norm"][i] for i in ids]
+    rule = allocate(g, p, 16, alpha=1e-3, drawn=4)
+    zeros = np.zeros(len(ids))
+    expected = shuffled(AllocationResult(rule, zeros.astype(np.int8), zeros), ids, 7).samples
+    assert [alloc["samples"][i] for i in ids] == expected.tolist()
+    assert sorted(expected.tolist()) == sorted(rule.tolist())
+    assert metrics(run_dir)[1]["samples_total"] == 16 + 16
+
+
+def test_shuffled_is_a_seeded_permutation():
+    import numpy as np
+
+    from gvm_mega.allocation import AllocationResult
+    from gvm_mega.trainer.loop import shuffled
+
+    ids = [f"p{i}" for i in range(12)]
+    counts = np.arange(12, dtype=np.int64)
+    base = AllocationResult(counts, np.arange(12, dtype=np.int8), counts.astype(float) / 2)
+    a, b = shuffled(base, ids, 1), shuffled(base, ids, 1)
+    assert a.samples.tolist() == b.samples.tolist()
+    assert sorted(a.samples.tolist()) == counts.tolist() and a.samples.tolist() != counts.tolist()
+    # counts, drop reasons and shares move together
+    assert a.reasons.tolist() == a.samples.tolist() and np.allclose(a.continuous, a.samples / 2)
+    assert shuffled(base, ids, 2).samples.tolist() != a.samples.tolist()
+    assert shuffled(base, ids[::-1], 1).samples.tolist() != a.samples.tolist()
+    from gvm_mega.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="'gvm.shuffle_allocation'.*'gvm.presample_until'"):
+        load_config(None, ["gvm.shuffle_allocation=true", "gvm.estimator=posterior",
+                           "gvm.presample_until=4"])
+
+
 def test_skip_solved_passes_over_prompts_the_statistics_call_solved(tiny):
     """With gvm.skip_solved_above=0 every prompt seen before counts as solved. Six prompts, four
     per batch: the second batch takes the two never seen, passes over seen ones up to the cap

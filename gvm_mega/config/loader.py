@@ -257,6 +257,9 @@ def validate(cfg: Config) -> Config:
     if g.skip_recheck_every is not None and g.skip_solved_above is None:
         raise ConfigError(f"'gvm.skip_recheck_every' ({g.skip_recheck_every}) revisits skipped "
                           f"prompts; it needs 'gvm.skip_solved_above'")
+    if g.shuffle_allocation and g.presample_until is not None:
+        raise ConfigError("'gvm.shuffle_allocation' moves counts between prompts, which "
+                          "'gvm.presample_until' gives different floors and caps; drop one")
     if g.count_stage1 and not g.reuse_stage1:
         raise ConfigError("'gvm.count_stage1' counts the stage-1 samples trained on; it needs "
                           "'gvm.reuse_stage1' = true")

@@ -191,6 +191,9 @@ class GVMConfig:
         None, ge=1, help="posterior: pre-sample a prompt only while the statistics hold fewer "
                          "than this many of its draws; later visits are allocated from the "
                          "statistics and their N' samples go to stage 2's budget")
+    shuffle_allocation: bool = option(
+        False, help="control experiment: the rule's stage-2 counts go to the iteration's "
+                    "prompts in a random order (same spread of the budget, random targets)")
     grad_norm_params: Literal["embedding", "lm_head", "linear"] = option(
         "embedding", help="parameter set whose per-sequence gradient norm gives G_i")
     reuse_stage1: bool = option(False, help="add stage-1 samples to the training batch")

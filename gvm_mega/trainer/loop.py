@@ -182,7 +182,14 @@ class Trainer:
                                  average=self.cfg.gvm.grad_norm_average).numpy()
 
     def allocate(self, prompts: list, stage1: Optional[Stage1]) -> AllocationResult:
-        """n_i for every prompt (driver): GVM from the statistics, or uniform."""
+        """n_i for every prompt (driver): GVM from the statistics, or uniform; with
+        ``gvm.shuffle_allocation`` the rule's counts go to the prompts in a random order."""
+        result = self.rule_allocation(prompts, stage1)
+        if stage1 is not None and self.cfg.gvm.shuffle_allocation and self.run.is_driver:
+            result = shuffled(result, [p.id for p in prompts], self.cfg.run.seed)
+        return result
+
+    def rule_allocation(self, prompts: list, stage1: Optional[Stage1]) -> AllocationResult:
         if not self.run.is_driver:
             return AllocationResult(samples=np.zeros(0, dtype=np.int64),
                                     reasons=np.zeros(0, dtype=np.int8), continuous=np.zeros(0))
@@ -354,6 +361,16 @@ def rechecked(prompt_id: str, epoch: int, every: Optional[int]) -> bool:
     epoch in ``every``, offset per prompt by a stable hash of its id so that the rechecks of a
     pool are spread over the epochs instead of arriving all at once."""
     return every is not None and (epoch + zlib.crc32(prompt_id.encode("utf-8"))) % every == 0
+
+
+def shuffled(result: AllocationResult, prompt_ids: list[str], seed: int) -> AllocationResult:
+    """The same counts given to the prompts in a random order: the control for what GVM's
+    choice of prompts is worth, as against how unevenly it spreads the budget. Seeded by the
+    run's seed and the batch, so a resumed run shuffles as the uninterrupted one did."""
+    batch = zlib.crc32("\n".join(prompt_ids).encode())
+    order = np.random.default_rng([seed, batch]).permutation(len(prompt_ids))
+    return AllocationResult(samples=result.samples[order], reasons=result.reasons[order],
+                            continuous=result.continuous[order])
 
 
 def accepted_distinct_fraction(groups: list[Group]) -> Optional[float]:
