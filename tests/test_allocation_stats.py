@@ -141,6 +141,30 @@ def test_add_counts_sharpens_the_posterior_rate_only():
     assert store.accept_rate("a") == pytest.approx(p[0])
 
 
+def test_revise_grad_norms_replaces_the_latest_observation_in_the_ema():
+    """Stage 2 in rounds: the visit's norm over more accepted responses replaces the
+    pre-samples' own, entering the EMA once; a first norm counts as an observation."""
+    store = _two_iterations(PromptStatsStore("posterior", grad_norm_ema=0.5))
+    # latest update: a (ema 2 before it, observed 4), b (none before, none observed)
+    store.revise_grad_norms(["a", "b"], [6.0, 3.0])
+    a, b = store.get("a"), store.get("b")
+    assert (a.last_grad_norm, a.ema_grad_norm, a.grad_observations) == (6.0, 0.5 * 2 + 0.5 * 6, 2)
+    assert (b.last_grad_norm, b.ema_grad_norm, b.grad_observations) == (3.0, 3.0, 1)
+    store.revise_grad_norms(["a", "b"], [8.0, float("nan")])   # again: still one entry
+    assert store.get("a").ema_grad_norm == 0.5 * 2 + 0.5 * 8 and store.get("b") == b
+    assert store.get("a").grad_observations == 2
+    assert store.estimates(["a"])[0].tolist() == [5.0]
+    with pytest.raises(KeyError, match="'c' was not in the latest update"):
+        store.revise_grad_norms(["c"], [1.0])
+    with pytest.raises(ValueError, match="prompt 'b': grad_norm = -1.0 must be a finite"):
+        store.revise_grad_norms(["a", "b"], [1.0, -1.0])
+    assert store.get("a").ema_grad_norm == 5.0                     # nothing changed
+    fresh = PromptStatsStore("posterior")
+    fresh.load_state_dict(store.state_dict())                      # a checkpoint ends a visit
+    with pytest.raises(KeyError, match="'a' was not in the latest update"):
+        fresh.revise_grad_norms(["a"], [1.0])
+
+
 @pytest.mark.parametrize("args, match", [
     ((["a"], [2], [3]), "prompt 'a': num_accepted = 3 exceeds"),
     ((["a"], [-1], [0]), "num_samples = -1 must be >= 0"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gvm_mega.gradnorm import (
+    pool_prompt_grad_norms,
     GradNormEstimator, find_layers, make_batch, micro_batches, prompt_grad_norms,
     reference_sq_norms, select_parameters,
 )
@@ -95,6 +96,23 @@ def test_prompt_grad_norms_mean_over_accepted():
         prompt_grad_norms(norms, [0, 0, 0, 3, 2], 3)
     with pytest.raises(ValueError, match="average must be 'mean' or 'rms'"):
         prompt_grad_norms(norms, [0, 0, 0, 2, 2], 3, average="median")
+
+
+@pytest.mark.parametrize("average", ["mean", "rms"])
+def test_pooled_prompt_grad_norms_equal_those_of_the_union(average):
+    """Stage 2 in rounds pools each round's G_i with the visit's so far: the same numbers as
+    prompt_grad_norms over all the responses at once, NaN where neither set has one."""
+    first = torch.tensor([1.0, 3.0, 2.0])            # prompts 0, 0, 2
+    second = torch.tensor([5.0, 7.0, 4.0, 6.0])      # prompts 0, 1, 1, 2
+    g1 = prompt_grad_norms(first, [0, 0, 2], 4, average=average).numpy()
+    g2 = prompt_grad_norms(second, [0, 1, 1, 2], 4, average=average).numpy()
+    pooled = pool_prompt_grad_norms(g1, [2, 0, 1, 0], g2, [1, 2, 1, 0], average=average)
+    union = prompt_grad_norms(torch.cat([first, second]), [0, 0, 2, 0, 1, 1, 2], 4,
+                              average=average).numpy()
+    assert pooled[:3].tolist() == pytest.approx(union[:3].tolist())
+    assert pooled[3] != pooled[3]  # NaN: no accepted response in either set
+    with pytest.raises(ValueError, match="average must be 'mean' or 'rms'"):
+        pool_prompt_grad_norms(g1, [2, 0, 1, 0], g2, [1, 2, 1, 0], average="max")
 
 
 @pytest.mark.slow

@@ -299,6 +299,65 @@ def test_shuffle_allocation_gives_the_rules_counts_to_prompts_in_a_seeded_order(
     assert metrics(run_dir)[1]["samples_total"] == 16 + 16
 
 
+def test_stage2_rounds_reallocate_what_is_left_from_refined_estimates(tiny):
+    """gvm.stage2_rounds=2: round 1 draws half the budget as a share of the rule's counts;
+    round 2 draws the rule's counts for the rest from the estimates round 1 refined (the
+    logged ones: p_i counts round 1's verdicts), everything drawn so far counted as drawn.
+    The budget is spent exactly and the statistics hold every draw once."""
+    import numpy as np
+    import torch
+
+    from gvm_mega.allocation import allocate
+
+    root, config, warm = tiny
+    run_dir = root / "rounds"
+    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", "gvm.count_stage1=true",
+                                            "gvm.estimator=posterior", "train.iterations=1",
+                                            "gvm.rates_from_stage2=true",
+                                            "gvm.stage2_rounds=2"]) == 0
+    alloc = allocations(run_dir)[0]
+    ids = list(alloc["samples"])
+    first = np.array([alloc["rounds"][i][0] for i in ids])
+    second = [alloc["rounds"][i][1] for i in ids]
+    assert first.sum() == 8 and sum(second) == 8          # a budget of 4 prompts x 4, halved
+    assert [alloc["samples"][i] for i in ids] == (first + second).tolist()
+    p = np.array([alloc["accept_rate"][i] for i in ids])
+    g = [alloc["grad_norm"][i] for i in ids]
+    # Beta(1, 1) posterior over the 4 pre-samples and round 1: an integer count of accepts
+    accepts = p * (2 + 4 + first) - 1
+    assert np.allclose(accepts, np.round(accepts)) and (accepts <= 4 + first).all()
+    assert second == allocate(g, p, 8, alpha=1e-3, drawn=4 + first).tolist()
+    assert metrics(run_dir)[1]["samples_total"] == 16 + 16
+    stats = torch.load(run_dir / "checkpoints" / "iter_0000001" / "extra.pt",
+                       weights_only=False)["stats"]
+    totals = dict(zip(stats["ids"], stats["total_samples"]))
+    assert totals == {k: 4 + n for k, n in alloc["samples"].items()}
+
+
+def test_stage2_rounds_part_and_config_checks():
+    import numpy as np
+
+    from gvm_mega.config import ConfigError, load_config
+    from gvm_mega.trainer.loop import part_of
+
+    counts = np.array([5, 0, 3, 1, 7], dtype=np.int64)
+    half = part_of(counts, 8)
+    assert half.sum() == 8 and (np.abs(half - counts * 8 / 16) < 1).all()
+    assert (half <= counts).all() and half[1] == 0
+    assert part_of(counts, 20).tolist() == counts.tolist()
+    assert part_of(np.zeros(3, dtype=np.int64), 4).tolist() == [0, 0, 0]
+    posterior = ["gvm.estimator=posterior", "gvm.stage2_rounds=2"]
+    with pytest.raises(ConfigError, match="'gvm.stage2_rounds' \\(2\\).*'gvm.rates_from_stage2'"):
+        load_config(None, posterior)
+    with pytest.raises(ConfigError, match="'gvm.stage2_rounds'.*'gvm.estimator' = posterior"):
+        load_config(None, ["gvm.stage2_rounds=2"])
+    for key in ("gvm.presample_until=4", "gvm.shuffle_allocation=true"):
+        with pytest.raises(ConfigError, match=f"cannot be combined with '{key.split('=')[0]}'"):
+            load_config(None, posterior + ["gvm.rates_from_stage2=true", key])
+    with pytest.raises(ConfigError, match="stage2_rounds"):
+        load_config(None, posterior + ["gvm.rates_from_stage2=true", "gvm.stage2_rounds=0"])
+
+
 def test_shuffled_is_a_seeded_permutation():
     import numpy as np
 

@@ -99,6 +99,7 @@ class PromptStatsStore:
         self.grad_norm_shrink = float(grad_norm_shrink)
         self.prior_kind = prior
         self._fitted: Optional[tuple[float, float]] = None   # cache, cleared by update()
+        self._ema_before: dict[int, float] = {}   # row -> EMA before the latest update()
         self._index: dict[str, int] = {}
         self._ids: list[str] = []
         self._cols: dict[str, np.ndarray] = {}
@@ -145,6 +146,7 @@ class PromptStatsStore:
 
         rows = self._rows_for(keys)
         c = self._cols
+        self._ema_before = dict(zip(rows.tolist(), c["ema_grad_norm"][rows].tolist()))
         c["total_samples"][rows] += n
         c["total_accepted"][rows] += a
         c["last_samples"][rows] = n
@@ -157,6 +159,34 @@ class PromptStatsStore:
                                          self.grad_norm_ema * old + (1 - self.grad_norm_ema) * gs)
         c["grad_observations"][r] += 1
         self._fitted = None
+
+    def revise_grad_norms(self, prompt_ids: Iterable, grad_norms) -> None:
+        """Replace the gradient norm of the latest :meth:`update` of each listed prompt.
+
+        Stage 2 drawn in rounds measures more of a prompt's accepted responses within the
+        same visit; the visit's norm over all of them replaces the one from its pre-samples
+        alone and still enters the EMA once. NaN leaves a prompt as it is.
+        """
+        keys = _keys(prompt_ids)
+        g = np.asarray(grad_norms, dtype=np.float64)
+        if g.shape != (len(keys),):
+            raise ValueError(f"grad_norms has shape {g.shape}, expected ({len(keys)},)")
+        _reject(keys, ~np.isnan(g) & ~(np.isfinite(g) & (g >= 0)), "grad_norm", g,
+                "must be a finite non-negative number (or NaN: not measured)")
+        rows = [self._index.get(k, -1) for k in keys]
+        stale = [k for k, r in zip(keys, rows) if r not in self._ema_before]
+        if stale:
+            raise KeyError(f"prompt id {stale[0]!r} was not in the latest update(): "
+                           f"revise_grad_norms revises that observation only")
+        c, w = self._cols, self.grad_norm_ema
+        for row, value in zip(rows, g.tolist()):
+            if math.isnan(value):
+                continue
+            if math.isnan(c["last_grad_norm"][row]):
+                c["grad_observations"][row] += 1
+            before = self._ema_before[row]
+            c["last_grad_norm"][row] = value
+            c["ema_grad_norm"][row] = value if math.isnan(before) else w * before + (1 - w) * value
 
     def add_counts(self, prompt_ids: Iterable, num_samples, num_accepted) -> None:
         """Add verified draws of already-observed prompts to their totals (the posterior's
@@ -294,6 +324,7 @@ class PromptStatsStore:
                                  f"for {len(ids)} prompt ids")
         self._ids = ids
         self._fitted = None
+        self._ema_before = {}
         self._index = {k: i for i, k in enumerate(ids)}
         self._allocate_columns(len(ids))
         for f in _INT_FIELDS:

@@ -260,6 +260,14 @@ def validate(cfg: Config) -> Config:
     if g.shuffle_allocation and g.presample_until is not None:
         raise ConfigError("'gvm.shuffle_allocation' moves counts between prompts, which "
                           "'gvm.presample_until' gives different floors and caps; drop one")
+    if g.stage2_rounds > 1:
+        if not g.rates_from_stage2:
+            raise ConfigError(f"'gvm.stage2_rounds' ({g.stage2_rounds}) refines p_i with each "
+                              f"round's verdicts; it needs 'gvm.rates_from_stage2' = true")
+        for key in ("presample_until", "shuffle_allocation"):
+            if getattr(g, key) not in (None, False):
+                raise ConfigError(f"'gvm.stage2_rounds' ({g.stage2_rounds}) cannot be combined "
+                                  f"with 'gvm.{key}'; drop one")
     if g.count_stage1 and not g.reuse_stage1:
         raise ConfigError("'gvm.count_stage1' counts the stage-1 samples trained on; it needs "
                           "'gvm.reuse_stage1' = true")

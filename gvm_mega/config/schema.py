@@ -143,7 +143,8 @@ class RewardConfig:
 # gvm keys the per-iteration estimator has no use for: setting one without the posterior
 # estimator is an error rather than a silent no-op.
 POSTERIOR_ONLY = ("prior_a", "prior_b", "prior", "grad_norm_ema", "grad_norm_fallback",
-                  "grad_norm_shrink", "rates_from_stage2", "presample_until")
+                  "grad_norm_shrink", "rates_from_stage2", "presample_until",
+                  "stage2_rounds")
 
 
 @dataclass
@@ -191,6 +192,10 @@ class GVMConfig:
         None, ge=1, help="posterior: pre-sample a prompt only while the statistics hold fewer "
                          "than this many of its draws; later visits are allocated from the "
                          "statistics and their N' samples go to stage 2's budget")
+    stage2_rounds: int = option(
+        1, ge=1, help="posterior: draw stage 2 in this many rounds; each round's verdicts and "
+                      "gradient norms refine p_i and G_i before the budget left is allocated "
+                      "(max_samples caps each round's draw; needs rates_from_stage2)")
     shuffle_allocation: bool = option(
         False, help="control experiment: the rule's stage-2 counts go to the iteration's "
                     "prompts in a random order (same spread of the budget, random targets)")

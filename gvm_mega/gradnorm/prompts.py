@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Sequence
 
+import numpy as np
 import torch
 
 from gvm_mega.gradnorm.batch import SequenceBatch
@@ -38,6 +39,24 @@ def prompt_grad_norms(norms: torch.Tensor, prompt_index: Sequence[int], num_prom
         0, idx[keep], torch.ones_like(vals))
     means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
     return means.sqrt() if average == "rms" else means
+
+
+def pool_prompt_grad_norms(first: np.ndarray, first_count: np.ndarray, second: np.ndarray,
+                           second_count: np.ndarray,
+                           average: Literal["mean", "rms"] = "mean") -> np.ndarray:
+    """Two :func:`prompt_grad_norms` results over disjoint response sets (``*_count``
+    accepted responses each) as one over their union, without recomputing any norm; NaN
+    where neither set has a response."""
+    if average not in ("mean", "rms"):
+        raise ValueError(f"average must be 'mean' or 'rms', got {average!r}")
+    k1, k2 = np.asarray(first_count, np.float64), np.asarray(second_count, np.float64)
+    a, b = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    power = 2 if average == "rms" else 1
+    total = np.where(k1 > 0, k1 * a ** power, 0.0) + np.where(k2 > 0, k2 * b ** power, 0.0)
+    k = k1 + k2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.where(k > 0, total / k, np.nan)
+    return np.sqrt(pooled) if average == "rms" else pooled
 
 
 def distributed_norms(estimator: GradNormEstimator, batch: SequenceBatch,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -144,11 +144,12 @@ class RunLogger:
 
     def log_allocation(self, iteration: int, samples: Mapping[str, int], *,
                        accept_rate: Optional[Mapping[str, float]] = None,
-                       grad_norm: Optional[Mapping[str, float]] = None) -> None:
+                       grad_norm: Optional[Mapping[str, float]] = None,
+                       rounds: Optional[Mapping[str, Sequence[int]]] = None) -> None:
         """Append one row of ``allocations.jsonl`` (what ``gvm-mega plot`` histograms)."""
         if self.enabled:
             self.allocations.append(allocation_record(iteration, samples, accept_rate=accept_rate,
-                                                      grad_norm=grad_norm))
+                                                      grad_norm=grad_norm, rounds=rounds))
 
     def progress(self, phase: str, total: Optional[int] = None, *, unit: str = "it") -> tqdm:
         """A progress bar for one phase; disabled (but still usable) when bars are off,

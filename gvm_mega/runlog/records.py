@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 
 class RunLogError(ValueError):
@@ -146,11 +146,13 @@ class JsonlLog:
 
 def allocation_record(iteration: int, samples: Mapping[str, int], *,
                       accept_rate: Optional[Mapping[str, float]] = None,
-                      grad_norm: Optional[Mapping[str, float]] = None) -> dict:
+                      grad_norm: Optional[Mapping[str, float]] = None,
+                      rounds: Optional[Mapping[str, Sequence[int]]] = None) -> dict:
     """One ``allocations.jsonl`` row: ``{"iteration", "samples": {prompt_id: n}, ...}``.
 
     ``accept_rate`` and ``grad_norm`` (per prompt id, optional) record the statistics the
-    allocation was made from; non-finite values are written as null.
+    allocation was made from (its last round's); non-finite values are written as null.
+    ``rounds`` (stage 2 drawn in rounds) holds each prompt's count per round.
     """
     row: dict[str, Any] = {"iteration": int(iteration)}
     bad = [k for k, n in samples.items() if isinstance(n, bool) or int(n) != n or n < 0]
@@ -161,4 +163,6 @@ def allocation_record(iteration: int, samples: Mapping[str, int], *,
     for name, values in (("accept_rate", accept_rate), ("grad_norm", grad_norm)):
         if values is not None:
             row[name] = {str(k): _scalar(f"{name}[{k}]", v) for k, v in values.items()}
+    if rounds is not None:
+        row["rounds"] = {str(k): [int(n) for n in v] for k, v in rounds.items()}
     return row

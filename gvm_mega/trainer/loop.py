@@ -10,7 +10,8 @@ One iteration (DESIGN.md):
 1. stage 1  — N' samples per prompt, verified: acceptance rates p_i
 2. G_i      — per-response gradient norms of the accepted samples (one batched pass)
 3. allocate — n_i ~ G_i / sqrt(p_i + alpha / p_i^(beta-1)) under the budget N
-4. stage 2  — n_i samples per prompt, verified (optionally counted into p_i too)
+4. stage 2  — n_i samples per prompt, verified (optionally counted into p_i too); with
+               ``gvm.stage2_rounds`` in rounds, re-allocating what is left after each
 5. update   — RAFT++ / GRPO policy steps on the stage-2 (optionally + stage-1) samples
 6. sync     — new weights to the rollout engine; eval and checkpoint on schedule
 
@@ -30,7 +31,8 @@ import torch
 
 from gvm_mega.allocation import (AllocationResult, InfeasibleAllocationError, PromptStatsStore,
                                  diagnose, make_allocator, weighting_of)
-from gvm_mega.gradnorm import prompt_grad_norms
+from gvm_mega.allocation.gvm import round_preserving_total
+from gvm_mega.gradnorm import pool_prompt_grad_norms, prompt_grad_norms
 from gvm_mega.trainer.batch import RankSamples, mini_batches, training_samples
 from gvm_mega.trainer.comm import from_driver
 from gvm_mega.trainer.sampling import Group, sample_and_score
@@ -45,6 +47,7 @@ class Stage1:
     accept_rates: np.ndarray
     grad_norms: np.ndarray
     counts: np.ndarray  # pre-samples drawn per prompt (0: estimated from earlier visits)
+    measured: Optional[np.ndarray] = None  # this visit's G_i from the pre-samples (0: none)
 
 
 PHASES = ("stage1", "grad_norm", "allocate", "stage2", "train", "sync")
@@ -83,6 +86,7 @@ class Trainer:
         self.stats = PromptStatsStore.from_config(cfg.gvm)
         self.samples_total = 0
         self.tokens_generated = 0
+        self.round_counts: list[np.ndarray] = []  # stage 2's counts per round, this iteration
         self.start_iteration = self._resume()
 
     # ------------------------------------------------------------------ the loop
@@ -120,15 +124,13 @@ class Trainer:
             stage1 = self.presample(prompts, it) if self.allocator.needs_statistics else None
         with timer("grad_norm"):
             if stage1 is not None:
-                stage1.grad_norms = self.grad_norms(stage1.groups)
+                stage1.grad_norms = stage1.measured = self.grad_norms(stage1.groups)
         with timer("allocate"):
             allocation = self.allocate(prompts, stage1)
         with timer("stage2"):
-            stage2 = self.sample(prompts, allocation.samples, it, "stage2")
+            allocation, stage2 = self.draw_stage2(prompts, stage1, allocation, it)
             if stage1 is None and self.cfg.gvm.skip_solved_above is not None:
                 self.observe(prompts, stage2)
-            elif stage1 is not None and self.cfg.gvm.rates_from_stage2:
-                self.count_stage2(prompts, stage2)
         with timer("train"):
             train_groups = merge_groups(stage1.groups, stage2) \
                 if stage1 is not None and self.cfg.gvm.reuse_stage1 else stage2
@@ -207,7 +209,13 @@ class Trainer:
         # pre-samples not drawn (gvm.presample_until) are stage 2's to spend
         skipped_presamples = int(self.cfg.gvm.presample_n * m - stage1.counts.sum())
         budget = self.allocator.budget(m) + skipped_presamples
-        cap, drawn = self.cfg.gvm.max_samples, self.drawn(stage1)
+        return self.allocate_budget(budget, grad_norms, accept_rates, self.drawn(stage1))
+
+    def allocate_budget(self, budget: int, grad_norms: np.ndarray, accept_rates: np.ndarray,
+                        drawn: np.ndarray | int) -> AllocationResult:
+        """The rule's counts for ``budget`` new samples; when ``gvm.max_samples`` leaves too
+        few eligible prompts to spend it all, as much of it as fits."""
+        m, cap = len(grad_norms), self.cfg.gvm.max_samples
         try:
             return self.allocator.allocate(m, budget, grad_norms, accept_rates, drawn=drawn)
         except InfeasibleAllocationError:
@@ -224,6 +232,64 @@ class Trainer:
                                  f"prompts; allocated {cap * eligible}")
             return result
         raise AssertionError("a zero budget is always feasible")
+
+    def draw_stage2(self, prompts: list, stage1: Optional[Stage1], allocation: AllocationResult,
+                    it: int) -> tuple[AllocationResult, list[Group]]:
+        """Stage 2's samples and the counts actually drawn (collective with rounds).
+
+        With ``gvm.stage2_rounds`` = R > 1 the budget is drawn in R rounds: each draws its
+        part of the rule's counts for the budget left, and its verdicts (p_i) and accepted
+        responses' gradient norms (G_i) refine the estimates before the rule allocates the
+        rest, so a prompt its pre-samples misjudged is corrected while budget is left to move.
+        """
+        rounds = self.cfg.gvm.stage2_rounds if stage1 is not None else 1
+        count = stage1 is not None and self.cfg.gvm.rates_from_stage2
+        left = int(allocation.samples.sum())
+        given = np.zeros(len(prompts), dtype=np.int64)
+        measured = (stage1.measured, np.array([g.num_accepted for g in stage1.groups])) \
+            if rounds > 1 else None
+        groups: list[Group] = []
+        self.round_counts = []
+        for r in range(rounds):
+            if r:
+                allocation = self.reallocate(prompts, stage1, given, left)
+            part = allocation.samples if r == rounds - 1 else \
+                part_of(allocation.samples, left // (rounds - r))
+            drawn = self.sample(prompts, part, it, "stage2" if r == 0 else f"stage2-round{r + 1}")
+            given, left = given + part, left - int(part.sum())
+            self.round_counts.append(part)
+            groups = merge_groups(groups, drawn) if r else drawn
+            if count:
+                self.count_stage2(prompts, drawn)
+            if r < rounds - 1:
+                measured = self.refine_grad_norms(prompts, drawn, *measured)
+        if rounds > 1:
+            allocation = AllocationResult(samples=given, reasons=allocation.reasons,
+                                          continuous=allocation.continuous)
+        return allocation, groups
+
+    def refine_grad_norms(self, prompts: list, drawn: list[Group], norms: np.ndarray,
+                          accepted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This visit's G_i over its accepted responses so far, the round's ``drawn`` added,
+        into the statistics (collective); returns the pooled norms and accepted counts."""
+        round_norms = self.grad_norms(drawn)
+        if not self.run.is_driver:
+            return norms, accepted
+        round_accepted = np.array([g.num_accepted for g in drawn], dtype=np.int64)
+        pooled = pool_prompt_grad_norms(norms, accepted, round_norms, round_accepted,
+                                        average=self.cfg.gvm.grad_norm_average)
+        self.stats.revise_grad_norms([p.id for p in prompts], pooled)
+        return np.nan_to_num(pooled, nan=0.0), accepted + round_accepted
+
+    def reallocate(self, prompts: list, stage1: Stage1, given: np.ndarray,
+                   left: int) -> AllocationResult:
+        """The rule's counts for the ``left`` samples of stage 2 from the refined estimates,
+        every sample drawn so far counted as drawn (driver)."""
+        if not self.run.is_driver:
+            return self.rule_allocation(prompts, stage1)   # empty off the driver
+        grad_norms, accept_rates = self.stats.estimates([p.id for p in prompts])
+        stage1.grad_norms, stage1.accept_rates = grad_norms, accept_rates
+        return self.allocate_budget(left, grad_norms, accept_rates, self.drawn(stage1) + given)
 
     def drawn(self, stage1: Stage1) -> np.ndarray | int:
         """Pre-samples per prompt the rule counts as already drawn (``gvm.count_stage1``)."""
@@ -328,9 +394,12 @@ class Trainer:
                        variance_ratio=diag.variance_ratio,
                        variance_ratio_best=diag.best_variance_ratio, alloc_gini=diag.n_gini)
             ids = [p.id for p in prompts]
+            rounds = dict(zip(ids, np.stack(self.round_counts, axis=1).tolist())) \
+                if len(self.round_counts) > 1 else None
             self.run.log.log_allocation(it, dict(zip(ids, samples.tolist())),
                                         accept_rate=dict(zip(ids, stage1.accept_rates.tolist())),
-                                        grad_norm=dict(zip(ids, stage1.grad_norms.tolist())))
+                                        grad_norm=dict(zip(ids, stage1.grad_norms.tolist())),
+                                        rounds=rounds)
         else:
             out.update(grad_norm_mean=None, variance_ratio=None, variance_ratio_best=None)
             self.run.log.log_allocation(it, {p.id: n for p, n in zip(prompts, samples.tolist())})
@@ -361,6 +430,15 @@ def rechecked(prompt_id: str, epoch: int, every: Optional[int]) -> bool:
     epoch in ``every``, offset per prompt by a stable hash of its id so that the rechecks of a
     pool are spread over the epochs instead of arriving all at once."""
     return every is not None and (epoch + zlib.crc32(prompt_id.encode("utf-8"))) % every == 0
+
+
+def part_of(samples: np.ndarray, total: int) -> np.ndarray:
+    """``samples`` scaled to sum to ``total`` (largest-remainder rounding, each count within
+    one of its exact share and never above it plus one); all of it when ``total`` covers it."""
+    whole = int(samples.sum())
+    if total >= whole:
+        return samples.copy()
+    return round_preserving_total(samples * (total / whole), total)
 
 
 def shuffled(result: AllocationResult, prompt_ids: list[str], seed: int) -> AllocationResult:
