@@ -299,7 +299,20 @@ def test_shuffle_allocation_gives_the_rules_counts_to_prompts_in_a_seeded_order(
     assert metrics(run_dir)[1]["samples_total"] == 16 + 16
 
 
-def test_stage2_rounds_reallocate_what_is_left_from_refined_estimates(tiny):
+ROUNDS = ["gvm.count_stage1=true", "gvm.estimator=posterior", "train.iterations=1",
+          "gvm.rates_from_stage2=true", "gvm.stage2_rounds=2"]
+
+
+@pytest.fixture(scope="module")
+def rounds_run(tiny):
+    """One GVM-RAFT++ iteration with stage 2 drawn in two rounds, in this process."""
+    root, config, warm = tiny
+    run_dir = root / "rounds"
+    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", *ROUNDS]) == 0
+    return run_dir
+
+
+def test_stage2_rounds_reallocate_what_is_left_from_refined_estimates(rounds_run):
     """gvm.stage2_rounds=2: round 1 draws half the budget as a share of the rule's counts;
     round 2 draws the rule's counts for the rest from the estimates round 1 refined (the
     logged ones: p_i counts round 1's verdicts), everything drawn so far counted as drawn.
@@ -309,12 +322,7 @@ def test_stage2_rounds_reallocate_what_is_left_from_refined_estimates(tiny):
 
     from gvm_mega.allocation import allocate
 
-    root, config, warm = tiny
-    run_dir = root / "rounds"
-    assert run_in_process(config, run_dir, [f"checkpoint.load={warm}", "gvm.count_stage1=true",
-                                            "gvm.estimator=posterior", "train.iterations=1",
-                                            "gvm.rates_from_stage2=true",
-                                            "gvm.stage2_rounds=2"]) == 0
+    run_dir = rounds_run
     alloc = allocations(run_dir)[0]
     ids = list(alloc["samples"])
     first = np.array([alloc["rounds"][i][0] for i in ids])
@@ -332,6 +340,23 @@ def test_stage2_rounds_reallocate_what_is_left_from_refined_estimates(tiny):
                        weights_only=False)["stats"]
     totals = dict(zip(stats["ids"], stats["total_samples"]))
     assert totals == {k: 4 + n for k, n in alloc["samples"].items()}
+
+
+def test_stage2_rounds_under_tp2_dp2_equal_one_process(tiny, rounds_run):
+    """The rounds' gradient-norm passes are collective: a TP2xDP2 world draws and refines
+    exactly as one process does."""
+    root, config, warm = tiny
+    run_dir = root / "rounds-tp2dp2"
+    run_world(config, run_dir, [f"checkpoint.load={warm}", "parallel.tp=2", "parallel.dp=2",
+                                *ROUNDS])
+    ref_row, ref_alloc = _first_iteration(rounds_run)
+    row, alloc = _first_iteration(run_dir)
+    assert alloc["rounds"] == ref_alloc["rounds"] and alloc["samples"] == ref_alloc["samples"]
+    assert alloc["accept_rate"] == ref_alloc["accept_rate"]
+    for pid, g in ref_alloc["grad_norm"].items():
+        assert alloc["grad_norm"][pid] == pytest.approx(g, rel=1e-5, abs=1e-6)
+    assert row["samples_total"] == ref_row["samples_total"]
+    assert row["loss"] == pytest.approx(ref_row["loss"], abs=1e-5)
 
 
 def test_stage2_rounds_part_and_config_checks():
