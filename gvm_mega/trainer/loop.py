@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from gvm_mega.allocation import (AllocationResult, InfeasibleAllocationError, PromptStatsStore,
-                                 diagnose, make_allocator, weighting_of)
-from gvm_mega.allocation.gvm import round_preserving_total
+                                 diagnose, make_allocator, round_preserving_total, weighting_of)
 from gvm_mega.gradnorm import pool_prompt_grad_norms, prompt_grad_norms
 from gvm_mega.trainer.batch import RankSamples, mini_batches, training_samples
 from gvm_mega.trainer.comm import from_driver
