@@ -464,8 +464,9 @@ def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
 
     p = bench.plan(_parse("--out", str(tmp_path)))
     assert p.algorithms == ["raft++", "gvm-raft++", "grpo", "gvm-grpo"]
-    assert (p.cfg.train.iterations, p.cfg.gvm.presample_n, p.cfg.gvm.budget_per_prompt,
-            p.uniform_n, p.cfg.data.arithmetic_solutions) == (120, 2, 2, 4, "any-order")
+    assert (p.cfg.train.iterations, p.cfg.train.warmup_steps, p.cfg.gvm.presample_n,
+            p.cfg.gvm.budget_per_prompt, p.uniform_n, p.cfg.data.arithmetic_solutions) == (
+        120, 2400, 2, 2, 4, "any-order")
     cfgs = {a: load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path))
             for a in p.algorithms}
     assert {a: c.optim.lr for a, c in cfgs.items()} == {
@@ -487,9 +488,13 @@ def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
     gvm = load_config(p.config, bench.arm_overrides(p, "gvm-raft++", 1, tmp_path))
     assert (gvm.optim.lr, gvm.gvm.alpha, gvm.gvm.estimator) == (3e-4, 1, "posterior")
     assert "raft++" not in p.per_algorithm
-    # BENCHMARKS' runs from before stage 2 counted toward p, before RMS norms and skipping,
-    # and before the Beta(3, 1) prior: the prefixes it gives bring those back on both GVM arms
-    # and change nothing else
+    # BENCHMARKS' runs from the 1,200-step warm start, from before stage 2 counted toward p,
+    # before RMS norms and skipping, and before the Beta(3, 1) prior: the prefixes it gives
+    # bring those back on both GVM arms and change nothing else
+    p = bench.plan(_parse("--out", str(tmp_path), "train.warmup_steps=1200"))
+    assert p.cfg.train.warmup_steps == 1200
+    assert all(load_config(p.config, bench.arm_overrides(p, a, 1, tmp_path)).gvm == cfgs[a].gvm
+               for a in p.algorithms)
     before_stage2 = ("gvm.rates_from_stage2=false",)
     before_rms = (*before_stage2, "gvm.grad_norm_average=mean", "gvm.skip_solved_above=null")
     for prefix, prior, average, skip in (
