@@ -612,3 +612,42 @@ def test_earlier_default_size_is_reproducible_with_overrides(tmp_path):
         assert (c.gvm.grad_norm_average, c.gvm.skip_solved_above, c.gvm.rates_from_stage2) == (
             demo.gvm.grad_norm_average, demo.gvm.skip_solved_above, demo.gvm.rates_from_stage2)
         assert c.optim.lr == (1e-5 if a.endswith("grpo") else demo.optim.lr)
+
+
+def test_resume_compares_resolved_settings(tmp_path, monkeypatch):
+    """Resuming an ``--out`` compares what the runs resolve to, not how the overrides were
+    written: another order or a default spelled out resumes (the recorded spelling stays),
+    a different value for any run, the warm start's included, is refused."""
+    from gvm_mega.convergence import bench
+
+    trained: list[str] = []
+
+    def fake_run(name, config, run_dir, overrides, iterations, log_dir, **_):
+        trained.append(name)
+        _write_metrics(run_dir, [(0, 0, 0.2)] + [(it, 10 * it, 0.3) for it in
+                                                  range(1, iterations + 1)])
+        return bench.ArmResult(name, run_dir, log_dir / f"{name}.log", "done")
+
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    monkeypatch.setattr(bench, "export_weights", lambda run_dir, dest: dest)
+    common = ("--out", str(tmp_path), "--seeds", "1", "--algorithms", "raft++,gvm-raft++")
+    assert bench.main(_parse(*common, "train.iterations=2", "train.eval_every=1")) == 0
+    recorded = (tmp_path / "settings.json").read_text()
+    assert len(trained) == 3
+
+    # reordered, the default size's warm start and RAFT++'s step written out: same runs
+    same = _parse(*common, "train.eval_every=1", "train.warmup_steps=2400",
+                  "raft++:optim.lr=2e-4", "train.iterations=2")
+    assert bench.main(same) == 0
+    assert (tmp_path / "settings.json").read_text() == recorded
+    assert len(trained) == 6
+
+    # a step that changes the arms, or a warm-start setting only the shared run reads
+    for changed in ("optim.lr=3e-4", "train.warmup_lr=1e-3", "gvm-raft++:gvm.alpha=1"):
+        with pytest.raises(Exception, match="different settings") as err:
+            bench.main(_parse(*common, "train.iterations=2", "train.eval_every=1", changed))
+        assert changed in str(err.value)
+    # a shared optim.lr=2e-4 leaves both arms as they were but not the warm start's config
+    with pytest.raises(Exception, match="different settings"):
+        bench.main(_parse(*common, "train.iterations=2", "train.eval_every=1", "optim.lr=2e-4"))
+    assert len(trained) == 6

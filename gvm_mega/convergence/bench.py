@@ -288,9 +288,37 @@ def _as_arguments(settings: dict) -> list[str]:
             *(f"{a}:{o}" for a, extra in per_algorithm.items() for o in extra)]
 
 
+def _resolved_runs(settings: dict, algorithms: list[str]) -> Optional[dict]:
+    """The config each run of ``settings`` resolves to (warm start, then one per algorithm),
+    or None where its overrides no longer load."""
+    from gvm_mega.config import ConfigError, load_config
+    from gvm_mega.config.loader import config_to_dict
+
+    shared = list(settings.get("overrides", []))
+    per_algorithm = settings.get("per_algorithm") or {}
+    try:
+        return {name: config_to_dict(load_config(settings["config"], [*shared, *extra]))
+                for name, extra in [("warm_start", []),
+                                    *((a, list(per_algorithm.get(a, []))) for a in algorithms)]}
+    except (ConfigError, KeyError, TypeError, OSError):
+        return None
+
+
+def _same_resolved_runs(old: dict, new: dict, algorithms: list[str]) -> bool:
+    """Whether overrides written differently still make the same runs: the same config file
+    and threads, and every run's config the same once resolved (``a=1 a=2`` is ``a=2``)."""
+    if old.get("config") != new["config"] or old.get("threads") != new["threads"]:
+        return False
+    resolved = _resolved_runs(new, algorithms)
+    return resolved is not None and _resolved_runs(old, algorithms) == resolved
+
+
 def check_settings(out: Path, p: Plan) -> None:
     """Record the runs' settings in ``out``; refuse an ``out`` made with other settings
-    (its finished runs would be reused and mixed with runs of a different experiment)."""
+    (its finished runs would be reused and mixed with runs of a different experiment).
+    Settings are compared as resolved configs, so overrides spelled differently (another
+    order, a value given twice, a default written out) still resume; the file keeps the
+    spelling the runs were made with."""
     import json
 
     settings = {"config": str(Path(p.config).resolve()), "overrides": list(p.shared),
@@ -303,7 +331,7 @@ def check_settings(out: Path, p: Plan) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             _fail(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); remove it or use another --out")
-        if old != settings:
+        if old != settings and not _same_resolved_runs(old, settings, p.algorithms):
             new_args, old_args = _as_arguments(settings), _as_arguments(old)
             added = [o for o in new_args if o not in old_args]
             removed = [o for o in old_args if o not in new_args]
