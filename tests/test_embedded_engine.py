@@ -115,6 +115,52 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(model):
     assert len({tuple(s.output_ids) for s in u}) > 1
 
 
+def _multinomial_reference(hf, prompt, params, seed, steps):
+    """Tokens drawn one at a time with torch.multinomial from a generator seeded like the
+    engine's sample: what the batched draw must equal exactly."""
+    gen, ids = torch.Generator().manual_seed(seed), list(prompt)
+    for _ in range(steps):
+        probs = torch.softmax(_hf_logits(hf, ids)[-1] / params.temperature, -1)
+        if params.top_k != -1:
+            kth = torch.topk(probs, params.top_k).values[-1]
+            probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+        if params.top_p < 1.0:
+            sorted_p, idx = torch.sort(probs, descending=True)
+            cum = torch.cumsum(sorted_p, 0)
+            sorted_p = sorted_p.masked_fill((cum - sorted_p) > params.top_p * cum[-1], 0.0)
+            probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
+        ids.append(int(torch.multinomial(probs, 1, generator=gen)))
+    return ids[len(prompt):]
+
+
+def test_batched_draws_equal_per_row_multinomial(model):
+    _, hf, engine = model
+    plain = SamplingParams(temperature=1.0, max_new_tokens=10, ignore_eos=True, sampling_seed=21)
+    nucleus = plain.replace(temperature=0.8, top_p=0.7, top_k=20, sampling_seed=4)
+    greedy = plain.replace(temperature=0.0, sampling_seed=None)
+    prompts = ([5, 9, 14], [1, 2, 3, 4, 5, 6], [7, 7])
+    out = engine.generate([RolloutRequest(prompts[0], n=3, sampling=plain),
+                           RolloutRequest(prompts[1], n=2, sampling=nucleus),
+                           RolloutRequest(prompts[2], n=1, sampling=greedy)])
+    for (prompt, params), samples in zip(((prompts[0], plain), (prompts[1], nucleus)), out):
+        for j, s in enumerate(samples):
+            assert s.output_ids == _multinomial_reference(
+                hf, prompt, params, sample_seed(params.sampling_seed, j), 10)
+    ids = list(prompts[2])
+    for _ in range(10):
+        ids.append(int(_hf_logits(hf, ids)[-1].argmax()))
+    assert out[2][0].output_ids == ids[len(prompts[2]):]
+
+
+def test_non_finite_logits_are_refused_by_name(model):
+    out_dir, _, _ = model
+    engine = EmbeddedEngine.from_pretrained(out_dir, tokenizer=load_text_codec(out_dir), seed=7)
+    engine.decoder.w["lm_head.weight"].fill_(float("nan"))
+    params = SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True, sampling_seed=1)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        engine.generate([RolloutRequest([5, 9, 14], n=2, sampling=params)])
+
+
 def test_sample_counts_and_finish_reasons(model):
     out_dir, _, engine = model
     tok = engine.tokenizer
