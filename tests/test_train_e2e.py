@@ -518,6 +518,52 @@ def test_presample_until_spends_a_known_prompts_pre_samples_in_stage_2(tiny):
     assert len(seen) == 2
 
 
+@pytest.mark.parametrize("name", ["raft++", "grpo"])
+def test_every_epoch_and_mini_batch_takes_its_ratio_to_the_drawing_policy(tiny, monkeypatch, name):
+    """Behaviour log-probs are measured once per iteration, before the first update, under the
+    weights that drew the samples: a later epoch or mini-batch trains with a ratio other than 1
+    (so the clip can bind), its old log-probs the rows of that one measurement."""
+    import torch
+
+    from gvm_mega.trainer.setup import RunSetup
+    from gvm_mega.training import SampleBatch
+    from gvm_mega.training.step import Policy
+
+    root, config, warm = tiny
+    measured, steps = [], []
+    behaviour, train_step = RunSetup.behaviour_logprobs, Policy.train_step
+
+    def spy_behaviour(self, samples):
+        out = behaviour(self, samples)
+        measured.append(out)
+        return out
+
+    def spy_step(self, batch):  # what the update is given, against the weights it updates
+        now = self.logprobs(SampleBatch(batch.sequences, batch.prompt_lengths)).as_lists()
+        steps.append((len(measured), batch, now))
+        return train_step(self, batch)
+
+    monkeypatch.setattr(RunSetup, "behaviour_logprobs", spy_behaviour)
+    monkeypatch.setattr(Policy, "train_step", spy_step)
+    run_dir = root / f"{name}-epochs"
+    assert run_in_process(config, run_dir, [
+        f"checkpoint.load={warm}", f"algorithm.name={name}", "algorithm.ppo_epochs=2",
+        "algorithm.mini_batches=2", "optim.lr=1e-2", "train.iterations=3"]) == 0
+    assert measured and len(steps) >= 3 * len(measured)  # 2 epochs x (1 or 2 mini-batches)
+    for k, (visit, part, now) in enumerate(steps):
+        whole = measured[visit - 1]
+        rows = {tuple(seq): lp for seq, lp in zip(whole.sequences, whole.old_logprobs)}
+        assert [rows[tuple(seq)] for seq in part.sequences] == part.old_logprobs
+        gap = max(abs(a - b) for old, cur in zip(part.old_logprobs, now)
+                  for a, b in zip(old, cur))
+        if k == 0 or steps[k - 1][0] != visit:  # the iteration's first step: no update yet
+            assert gap < 1e-4
+        else:
+            assert gap > 1e-3, f"step {k}: old log-probs follow the updated weights"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(run_dir)[1:]
+               if r["loss"] is not None)
+
+
 @pytest.mark.parametrize("name", ["grpo", "raft++"])
 def test_uniform_baselines_one_iteration(tiny, name):
     root, config, warm = tiny

@@ -7,7 +7,7 @@ split, so each rank trains on a similar number of tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -18,11 +18,14 @@ from gvm_mega.training import LossSpec, sample_advantages
 
 @dataclass
 class RankSamples:
-    """One DP rank's share: prompt + response token ids, prompt lengths, advantages."""
+    """One DP rank's share: prompt + response token ids, prompt lengths, advantages, and once
+    measured, the behaviour (and reference) policy's per-response-token log-probs."""
 
     sequences: list[list[int]]
     prompt_lengths: list[int]
     advantages: list[float]
+    old_logprobs: Optional[list[list[float]]] = None
+    ref_logprobs: Optional[list[list[float]]] = None
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -61,5 +64,9 @@ def training_samples(groups: Sequence[Group], spec: LossSpec, dp: int) -> tuple[
 
 def mini_batches(samples: RankSamples, count: int) -> list[RankSamples]:
     """``count`` interleaved slices (every rank makes the same number, some may be empty)."""
+    def part(values: Optional[list], k: int) -> Optional[list]:
+        return None if values is None else values[k::count]
+
     return [RankSamples(samples.sequences[k::count], samples.prompt_lengths[k::count],
-                        samples.advantages[k::count]) for k in range(count)]
+                        samples.advantages[k::count], part(samples.old_logprobs, k),
+                        part(samples.ref_logprobs, k)) for k in range(count)]

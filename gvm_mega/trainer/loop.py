@@ -331,7 +331,7 @@ class Trainer:
         per_rank, imbalance = shares
         if sum(len(s) for s in per_rank) == 0:
             return None
-        mine: RankSamples = per_rank[run.layout.dp_rank]
+        mine: RankSamples = run.behaviour_logprobs(per_rank[run.layout.dp_rank])
         # no more mini-batches than the smallest rank has samples (a step needs data)
         count = max(1, min(algo.mini_batches, min(len(s) for s in per_rank)))
         reports = []

@@ -72,14 +72,29 @@ class RunSetup:
         norms = distributed_norms(self.estimator, batch, ps.get_data_parallel_group())
         return norms.numpy()
 
-    def policy_step(self, part: RankSamples) -> Any:
-        """Behaviour (and reference) log-probs, then one optimizer step (collective)."""
+    def behaviour_logprobs(self, samples: RankSamples) -> RankSamples:
+        """The samples with the policy's (and reference's) log-probs under the weights that
+        drew them, measured once before the iteration's first update: every PPO epoch and
+        mini-batch takes its importance ratio, and so its clipping, against these (collective)."""
         from gvm_mega.training import SampleBatch
 
-        batch = SampleBatch(part.sequences, part.prompt_lengths, advantages=part.advantages)
+        batch = SampleBatch(samples.sequences, samples.prompt_lengths,
+                            advantages=samples.advantages)
         old = self.policy.logprobs(batch).as_lists()
         ref = self.reference.logprobs(batch).as_lists() if self.reference is not None else None
-        return self.policy.train_step(batch.with_values(old_logprobs=old, ref_logprobs=ref))
+        return dataclasses.replace(samples, old_logprobs=old, ref_logprobs=ref)
+
+    def policy_step(self, part: RankSamples) -> Any:
+        """One optimizer step on a mini-batch of samples whose behaviour log-probs are known
+        (collective)."""
+        from gvm_mega.training import SampleBatch
+
+        if part.old_logprobs is None:
+            raise ValueError("policy_step needs the samples' behaviour log-probs: pass them "
+                             "through behaviour_logprobs before the first update")
+        batch = SampleBatch(part.sequences, part.prompt_lengths, advantages=part.advantages,
+                            old_logprobs=part.old_logprobs, ref_logprobs=part.ref_logprobs)
+        return self.policy.train_step(batch)
 
     def sync_weights(self, version: str) -> dict:
         """Stream the policy, in HF layout and in buckets, into the driver's engine (collective).
