@@ -358,6 +358,33 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert other.returncode == 2
     assert "optim.lr=0.5" in other.stderr and "different settings" in other.stderr
 
+    # a longer run extends every arm from its last checkpoint, and the GVM arm comes out the
+    # run a 3-iteration benchmark trains from the start
+    longer = subprocess.run([*cmd, "train.iterations=3"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
+    assert "extending the runs" in longer.stdout
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["reused", "done", "done"]
+    assert runs[2]["curve"]["iteration"] == [0, 1, 2, 3]
+    from gvm_mega.convergence import bench
+    plan = bench.plan(_parse("--quick", "--out", str(out), "data.arithmetic_test_size=3",
+                             "rollout.max_new_tokens=6", "train.iterations=3"))
+    fresh = tmp_path / "fresh"
+    overrides = bench.arm_overrides(plan, "gvm-raft++", 1234, out / "warm_start" / "weights")
+    proc = subprocess.run([sys.executable, "-m", "gvm_mega", "train", plan.config, "--run-dir",
+                           str(fresh), *overrides], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def records(run_dir: Path, name: str) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")}
+                for line in (run_dir / name).read_text().splitlines()]
+
+    extended = out / "runs" / "gvm-raft++" / "seed1234"
+    for name in ("metrics.jsonl", "allocations.jsonl"):
+        assert records(extended, name) == records(fresh, name)
+
 
 def test_failed_arm_is_reported_not_dropped(tmp_path, monkeypatch, capsys):
     """One arm's process fails: the others still count, results.json carries its log tail,
@@ -651,3 +678,45 @@ def test_resume_compares_resolved_settings(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="different settings"):
         bench.main(_parse(*common, "train.iterations=2", "train.eval_every=1", "optim.lr=2e-4"))
     assert len(trained) == 6
+
+
+def test_a_longer_run_extends_the_out_in_place(tmp_path, monkeypatch, capsys):
+    """A larger ``train.iterations`` and nothing else resumes every arm to the new length and
+    records the new settings; a shorter one, a cosine schedule, or a longer run with another
+    change as well is refused."""
+    from gvm_mega.convergence import bench
+
+    trained: list[tuple[str, int]] = []
+
+    def fake_run(name, config, run_dir, overrides, iterations, log_dir, **_):
+        trained.append((name, iterations))
+        _write_metrics(run_dir, [(0, 0, 0.2)] + [(it, 10 * it, 0.3) for it in
+                                                  range(1, iterations + 1)])
+        return bench.ArmResult(name, run_dir, log_dir / f"{name}.log", "done")
+
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    monkeypatch.setattr(bench, "export_weights", lambda run_dir, dest: dest)
+    common = ("--out", str(tmp_path), "--seeds", "1", "--algorithms", "raft++,gvm-raft++",
+              "train.eval_every=1")
+    assert bench.main(_parse(*common, "train.iterations=2")) == 0
+    trained.clear()
+    assert bench.main(_parse(*common, "train.iterations=4")) == 0
+    assert "extending the runs in" in capsys.readouterr().out
+    assert ("raft++-seed1234", 4) in trained and ("gvm-raft++-seed1234", 4) in trained
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["overrides"][-1] == "train.iterations=4"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["runs_per_algorithm"]["raft++"][0]["iteration"] == [0, 1, 2, 3, 4]
+
+    with pytest.raises(Exception, match="holds runs of 4 iterations.*train.iterations >= 4"):
+        bench.main(_parse(*common, "train.iterations=3"))
+    with pytest.raises(Exception, match="different settings") as err:
+        bench.main(_parse(*common, "train.iterations=6", "gvm-raft++:gvm.alpha=1"))
+    assert "gvm.alpha=1" in str(err.value)
+    assert json.loads((tmp_path / "settings.json").read_text()) == settings
+
+    # a cosine decay spans the run length: a longer run would not be the one it extends
+    cosine = ("--out", str(tmp_path / "cosine"), *common[2:], "raft++:optim.schedule=cosine")
+    assert bench.main(_parse(*cosine, "train.iterations=2")) == 0
+    with pytest.raises(Exception, match="learning rate of raft\\+\\+ decays.*cosine"):
+        bench.main(_parse(*cosine, "train.iterations=4"))

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional, get_args, get_type_hints
 
 from gvm_mega.convergence.analysis import BASELINES, MIN_GAIN, Curve, load_curve, summarise
-from gvm_mega.convergence.arms import ArmResult, export_weights, run_training, weights_ready
+from gvm_mega.convergence.arms import (ArmResult, echo_line, export_weights, run_training,
+                                       weights_ready)
 from gvm_mega.convergence.report import write_outputs
 
 DESCRIPTION = ("GVM-RAFT++/GVM-GRPO against uniform RAFT++/GRPO from one warm start: held-out "
@@ -314,12 +315,39 @@ def _same_resolved_runs(old: dict, new: dict, algorithms: list[str]) -> bool:
     return resolved is not None and _resolved_runs(old, algorithms) == resolved
 
 
+def _lengths_if_only_longer(old: dict, new: dict,
+                            algorithms: list[str]) -> Optional[tuple[int, int, list[str]]]:
+    """``(old, new, cosine)`` when the two settings make the same runs but for
+    ``train.iterations`` (``cosine``: the algorithms whose learning rate decays over the run
+    length); None when anything else differs."""
+    if old.get("config") != new["config"] or old.get("threads") != new["threads"]:
+        return None
+    before, after = _resolved_runs(old, algorithms), _resolved_runs(new, algorithms)
+    if before is None or after is None:
+        return None
+    lengths = {(b["train"]["iterations"], a["train"]["iterations"])
+               for b, a in zip(before.values(), after.values())}
+
+    def without_length(runs: dict) -> dict:
+        return {name: {**cfg, "train": {**cfg["train"], "iterations": None}}
+                for name, cfg in runs.items()}
+
+    if len(lengths) != 1 or without_length(before) != without_length(after):
+        return None
+    (was, now), = lengths
+    cosine = [a for a in algorithms if after[a]["optim"]["schedule"] != "constant"]
+    return was, now, cosine
+
+
 def check_settings(out: Path, p: Plan) -> None:
     """Record the runs' settings in ``out``; refuse an ``out`` made with other settings
     (its finished runs would be reused and mixed with runs of a different experiment).
     Settings are compared as resolved configs, so overrides spelled differently (another
     order, a value given twice, a default written out) still resume; the file keeps the
-    spelling the runs were made with."""
+    spelling the runs were made with. A larger ``train.iterations`` and nothing else extends
+    the runs in place (each arm resumes from its last checkpoint): with a constant learning
+    rate that is the run a longer benchmark would have made, so the file takes the new
+    settings."""
     import json
 
     settings = {"config": str(Path(p.config).resolve()), "overrides": list(p.shared),
@@ -332,20 +360,35 @@ def check_settings(out: Path, p: Plan) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             _fail(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); remove it or use another --out")
-        if old != settings and not _same_resolved_runs(old, settings, p.algorithms):
-            new_args, old_args = _as_arguments(settings), _as_arguments(old)
-            added = [o for o in new_args if o not in old_args]
-            removed = [o for o in old_args if o not in new_args]
-            what = "; ".join(filter(None, [
-                f"config {old.get('config')} -> {settings['config']}"
-                if old.get("config") != settings["config"] else "",
-                f"--threads {old.get('threads')} -> {p.threads}"
-                if old.get("threads") != p.threads else "",
-                f"new: {' '.join(added)}" if added else "",
-                f"no longer: {' '.join(removed)}" if removed else ""])) or "override order"
-            _fail(f"--out {out} holds runs made with different settings ({what}); use another "
-                  f"--out, or the same config and overrides to resume it")
-        return
+        if old == settings or _same_resolved_runs(old, settings, p.algorithms):
+            return
+        lengths = _lengths_if_only_longer(old, settings, p.algorithms)
+        if lengths is not None:
+            was, now, cosine = lengths
+            if now < was:
+                _fail(f"--out {out} holds runs of {was} iterations; train.iterations={now} "
+                      f"would read them cut short: use another --out, or "
+                      f"train.iterations >= {was}")
+            if cosine:
+                _fail(f"--out {out}: extending its runs from {was} to {now} iterations would "
+                      f"not make the runs a {now}-iteration benchmark makes: the learning rate "
+                      f"of {', '.join(cosine)} decays over the run length "
+                      f"(optim.schedule=cosine); use another --out")
+            echo_line(f"[settings] extending the runs in {out} from {was} to {now} iterations")
+            path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+            return
+        new_args, old_args = _as_arguments(settings), _as_arguments(old)
+        added = [o for o in new_args if o not in old_args]
+        removed = [o for o in old_args if o not in new_args]
+        what = "; ".join(filter(None, [
+            f"config {old.get('config')} -> {settings['config']}"
+            if old.get("config") != settings["config"] else "",
+            f"--threads {old.get('threads')} -> {p.threads}"
+            if old.get("threads") != p.threads else "",
+            f"new: {' '.join(added)}" if added else "",
+            f"no longer: {' '.join(removed)}" if removed else ""])) or "override order"
+        _fail(f"--out {out} holds runs made with different settings ({what}); use another "
+              f"--out, or the same config and overrides to resume it")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
