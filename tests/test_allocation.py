@@ -213,10 +213,11 @@ def test_caps_are_respected_and_the_budget_still_met(stats, lo, hi, budget):
 
 
 @pytest.mark.parametrize("p_tiny, hi, budget", [(1.4e-42, 7, 37), (4.6e-69, 7, 29),
-                                                 (4.6e-69, 5, 21)])
+                                                 (4.6e-69, 5, 21), (4.94e-324, 50, 251)])
 def test_a_near_zero_rate_beside_capped_prompts_still_meets_the_budget(p_tiny, hi, budget):
     """Weights 1e20 apart used to cancel in the breakpoint solve: over-allocation (25 of 21)
-    or a spurious InfeasibleAllocationError."""
+    or a spurious InfeasibleAllocationError; weights 1e161 apart overflowed the fallback
+    bisection's midpoint (1e160 x 1e164) and gave every prompt its cap."""
     g = np.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.5, 1.0, 0.0, 0.0])
     p = np.array([0.125, 0.0, 0.125, 0.125, 0.125, 0.125, p_tiny, 0.0, 0.0])
     res = allocate_detailed(g, p, budget, max_samples=hi)

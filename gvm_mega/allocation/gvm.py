@@ -259,7 +259,10 @@ def _bisect_fill(w: np.ndarray, total: float, lo: np.ndarray, hi: np.ndarray) ->
     while filled(high) < total and high < 1e300:
         high *= 1e4
     for _ in range(2000):
-        mid = math.sqrt(low * high) if low > 0 else high / 1e4 if high > 1e-290 else high / 2
+        if low > 0:  # the root of each: low * high itself overflows past 1e308
+            mid = math.sqrt(low) * math.sqrt(high)
+        else:
+            mid = high / 1e4 if high > 1e-290 else high / 2
         if not low < mid < high:
             break
         if filled(mid) < total:
