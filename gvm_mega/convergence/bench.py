@@ -36,14 +36,14 @@ DEFAULT_ALGORITHMS = ("raft++", "gvm-raft++", "grpo", "gvm-grpo")
 QUICK_ALGORITHMS = ("raft++", "gvm-raft++")
 
 # Sizes, applied before the user's overrides. The default fits within an hour on 2 CPU cores
-# (warm start + 4 algorithms x 3 seeds x 120 iterations, two arms at a time: 24 min on the
-# fastest machine that ran it; 240 iterations would take about 41 there and give no larger
-# speedup over eighteen seeds); quick is a smoke test of the whole pipeline.
+# (warm start + 4 algorithms x 3 seeds x 120 iterations, two arms at a time: 20 min on the
+# fastest machine that ran it); quick is a smoke test of the whole pipeline.
 # The default is the setting where allocation has room to matter (BENCHMARKS.md): several
 # correct worked paths per problem, so accepted samples differ, and 4 samples per prompt
 # (N' = 2 pre-samples + 2 in stage 2), a budget small enough that where they go counts. RL
-# starts from a 2,400-step warm start (eval ~0.89), where training soon solves prompts and the
-# rule's room grows; from 1,200 steps the gain is smaller and from 3,600 RAFT++ hardly learns.
+# starts from a 2,400-step warm start (eval ~0.89), chosen when each policy step recomputed
+# its own old log-probs (no clipping): there it gave GVM the most room. With the corrected
+# update both arms learn faster, and twelve seeds read alike from 1,200 and 2,400 steps.
 DEFAULT_SIZE = (
     "data.arithmetic_solutions=any-order",
     "train.warmup_steps=2400",
