@@ -720,3 +720,66 @@ def test_a_longer_run_extends_the_out_in_place(tmp_path, monkeypatch, capsys):
     assert bench.main(_parse(*cosine, "train.iterations=2")) == 0
     with pytest.raises(Exception, match="learning rate of raft\\+\\+ decays.*cosine"):
         bench.main(_parse(*cosine, "train.iterations=4"))
+
+
+def test_source_digest_follows_every_python_file(tmp_path):
+    """The digest changes with any .py file's bytes or name, and with nothing else."""
+    from gvm_mega.convergence.code_version import source_digest
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = source_digest(tmp_path)
+    assert source_digest(tmp_path) == first and len(first) == 16
+    (tmp_path / "notes.txt").write_text("not code")
+    assert source_digest(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    edited = source_digest(tmp_path)
+    assert edited != first
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "sub" / "c.py")
+    assert source_digest(tmp_path) not in (first, edited)
+
+
+def test_runs_of_other_code_are_refused_unless_allowed(tmp_path, monkeypatch, capsys):
+    """settings.json records the package source's digest; resuming with other code is refused
+    (nothing trained), ``--allow-code-change`` resumes and keeps the old digest beside the new,
+    and a record from before digests were kept resumes and stays without one."""
+    from gvm_mega.convergence import bench
+
+    trained: list[str] = []
+
+    def fake_run(name, config, run_dir, overrides, iterations, log_dir, **_):
+        trained.append(name)
+        _write_metrics(run_dir, [(0, 0, 0.2)] + [(it, 10 * it, 0.3) for it in
+                                                  range(1, iterations + 1)])
+        return bench.ArmResult(name, run_dir, log_dir / f"{name}.log", "done")
+
+    digest = {"now": "1111aaaa2222bbbb"}
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    monkeypatch.setattr(bench, "export_weights", lambda run_dir, dest: dest)
+    monkeypatch.setattr(bench, "source_digest", lambda: digest["now"])
+    common = ("--out", str(tmp_path), "--seeds", "1", "--algorithms", "raft++,gvm-raft++",
+              "train.iterations=2", "train.eval_every=1")
+    settings_path = tmp_path / "settings.json"
+    assert bench.main(_parse(*common)) == 0
+    assert json.loads(settings_path.read_text())["code"] == "1111aaaa2222bbbb"
+    trained.clear()
+
+    digest["now"] = "3333cccc4444dddd"
+    with pytest.raises(Exception, match="other code \\(package source 1111aaaa2222bbbb, now "
+                                        "3333cccc4444dddd\\).*--allow-code-change"):
+        bench.main(_parse(*common))
+    assert trained == [] and json.loads(settings_path.read_text())["code"] == "1111aaaa2222bbbb"
+
+    assert bench.main(_parse(*common, "--allow-code-change")) == 0
+    assert "with other code (1111aaaa2222bbbb -> 3333cccc4444dddd)" in capsys.readouterr().out
+    settings = json.loads(settings_path.read_text())
+    assert (settings["code"], settings["earlier_code"]) == ("3333cccc4444dddd",
+                                                            ["1111aaaa2222bbbb"])
+    assert json.loads((tmp_path / "results.json").read_text())["code"] == "3333cccc4444dddd"
+    assert bench.main(_parse(*common)) == 0  # the new digest is the recorded one now
+
+    legacy = {k: v for k, v in settings.items() if k not in ("code", "earlier_code")}
+    settings_path.write_text(json.dumps(legacy, indent=2) + "\n")
+    assert bench.main(_parse(*common)) == 0
+    assert json.loads(settings_path.read_text()) == legacy

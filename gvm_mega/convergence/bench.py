@@ -27,6 +27,7 @@ from typing import Any, NoReturn, Optional, get_args, get_type_hints
 from gvm_mega.convergence.analysis import BASELINES, MIN_GAIN, Curve, load_curve, summarise
 from gvm_mega.convergence.arms import (ArmResult, echo_line, export_weights, run_training,
                                        weights_ready)
+from gvm_mega.convergence.code_version import source_digest
 from gvm_mega.convergence.report import write_outputs
 
 DESCRIPTION = ("GVM-RAFT++/GVM-GRPO against uniform RAFT++/GRPO from one warm start: held-out "
@@ -143,6 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "not on --jobs")
     parser.add_argument("--config", default=None,
                         help="base YAML config (default configs/demo_cpu.yaml)")
+    parser.add_argument("--allow-code-change", action="store_true",
+                        help="resume an --out whose finished runs were made by other code "
+                             "(the package source changed since); they are kept as they are")
     parser.add_argument("overrides", nargs="*", metavar="[ALGORITHM:]section.key=value",
                         help="config overrides for every run, after the benchmark's size; "
                              "with an ALGORITHM: prefix, for that algorithm's arms only")
@@ -183,6 +187,7 @@ class Plan:
     per_algorithm: dict[str, list[str]] = field(default_factory=dict)
     jobs: int = 1
     threads: int = 1
+    allow_code_change: bool = False
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -236,7 +241,8 @@ def plan(args: argparse.Namespace) -> Plan:
     out = Path(args.out or ("runs/bench-convergence" + ("-quick" if args.quick else "")))
     return Plan(config=config, shared=shared, cfg=cfg, seeds=seeds, algorithms=algorithms,
                 uniform_n=int(per_prompt), out=out, per_algorithm=per_algorithm,
-                min_gain=args.min_gain, jobs=jobs, threads=threads)
+                min_gain=args.min_gain, jobs=jobs, threads=threads,
+                allow_code_change=bool(getattr(args, "allow_code_change", False)))
 
 
 # Keys whose per-algorithm values would make the arms incomparable (different prompts,
@@ -339,6 +345,30 @@ def _lengths_if_only_longer(old: dict, new: dict,
     return was, now, cosine
 
 
+def _code_checked(out: Path, old: dict, settings: dict,
+                  allowed: bool) -> tuple[dict, dict, bool]:
+    """Both records with the same code fields, so the rest compares as settings, and whether
+    the code changed. Runs made by other code are refused unless ``allowed``; a record from
+    before digests were kept has none and stays without one (what made its runs is unknown)."""
+    was, now = old.get("code"), settings["code"]
+    code: dict = {"code": now if was is not None else None}
+    earlier = list(old.get("earlier_code", []))
+    changed = was is not None and was != now
+    if changed:
+        if not allowed:
+            _fail(f"--out {out} holds runs made by other code (package source {was}, now "
+                  f"{now}): its finished arms would be reused beside arms of this code; use "
+                  f"another --out, or --allow-code-change to resume it as it is")
+        echo_line(f"[settings] resuming {out} with other code ({was} -> {now}); its "
+                  f"finished runs are kept as they were made")
+        earlier.append(was)
+    if earlier:
+        code["earlier_code"] = earlier
+    strip = ("code", "earlier_code")
+    return ({**{k: v for k, v in old.items() if k not in strip}, **code},
+            {**{k: v for k, v in settings.items() if k not in strip}, **code}, changed)
+
+
 def check_settings(out: Path, p: Plan) -> None:
     """Record the runs' settings in ``out``; refuse an ``out`` made with other settings
     (its finished runs would be reused and mixed with runs of a different experiment).
@@ -347,20 +377,25 @@ def check_settings(out: Path, p: Plan) -> None:
     spelling the runs were made with. A larger ``train.iterations`` and nothing else extends
     the runs in place (each arm resumes from its last checkpoint): with a constant learning
     rate that is the run a longer benchmark would have made, so the file takes the new
-    settings."""
+    settings. The package source's digest is recorded too: runs made by other code are
+    refused unless ``--allow-code-change``, which records the new digest beside the old."""
     import json
 
     settings = {"config": str(Path(p.config).resolve()), "overrides": list(p.shared),
                 "threads": p.threads}
     if p.per_algorithm:
         settings["per_algorithm"] = p.per_algorithm
+    settings["code"] = source_digest()
     path = out / SETTINGS_FILE
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             _fail(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); remove it or use another --out")
+        old, settings, code_changed = _code_checked(out, old, settings, p.allow_code_change)
         if old == settings or _same_resolved_runs(old, settings, p.algorithms):
+            if code_changed:  # the recorded spelling stays; the digests are brought up to date
+                path.write_text(json.dumps(old, indent=2) + "\n", encoding="utf-8")
             return
         lengths = _lengths_if_only_longer(old, settings, p.algorithms)
         if lengths is not None:
@@ -460,6 +495,7 @@ def main(args: argparse.Namespace) -> int:
                        "eval_accuracy": arms[0].extra.get("eval_accuracy")},
         "runs": [a.to_dict() for a in arms],
         "failures": failures,
+        "code": source_digest(),
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     paths = write_outputs(p.out, summary, curves, meta)
