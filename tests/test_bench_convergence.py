@@ -484,7 +484,7 @@ def test_bad_per_algorithm_overrides_are_refused(tmp_path, override, message):
 
 def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
     """The default size: any-order task, N' = 2 + 2 per prompt, RAFT++ at 2e-4 and GRPO at
-    5e-5, the GVM arms with per-draw weights, large alpha, counted pre-samples and posterior
+    5e-5, the GVM arms with per-draw weights, the paper's small alpha, counted pre-samples and posterior
     estimates; a key given for every arm replaces the per-algorithm defaults."""
     from gvm_mega.config import load_config
     from gvm_mega.convergence import bench
@@ -502,7 +502,7 @@ def test_default_size_is_the_four_samples_per_prompt_setting(tmp_path):
         c = cfgs[a]
         assert (c.algorithm.prompt_weight, c.gvm.alpha, c.gvm.count_stage1, c.gvm.estimator,
                 c.gvm.prior_a, c.gvm.prior_b, c.gvm.grad_norm_average, c.gvm.skip_solved_above,
-                c.gvm.rates_from_stage2) == ("per-draw", 100, True, "posterior", 3, 1, "rms", 0.85,
+                c.gvm.rates_from_stage2) == ("per-draw", 1e-3, True, "posterior", 3, 1, "rms", 0.85,
                                              True)
     demo = load_config(p.config, [])
     for a in ("raft++", "grpo"):  # the uniform arms keep the config's GVM settings
