@@ -37,7 +37,7 @@ DEFAULT_ALGORITHMS = ("raft++", "gvm-raft++", "grpo", "gvm-grpo")
 QUICK_ALGORITHMS = ("raft++", "gvm-raft++")
 
 # Sizes, applied before the user's overrides. The default fits within an hour on 2 CPU cores
-# (warm start + 4 algorithms x 3 seeds x 120 iterations, two arms at a time: 20 min on the
+# (warm start + 4 algorithms x 3 seeds x 120 iterations, two arms at a time: 21 min on the
 # fastest machine that ran it); quick is a smoke test of the whole pipeline.
 # The default is the setting where allocation has room to matter (BENCHMARKS.md): several
 # correct worked paths per problem, so accepted samples differ, and 4 samples per prompt
